@@ -1,0 +1,21 @@
+//! `bench` subcommands: speed measurements printed as tables (never asserted in tests).
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchWhich,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchWhich {
+    /// Prefill/decode tokens/s with and without steering hooks, beside the transformers peer.
+    Decode(crate::models::bench::BenchDecodeArgs),
+    // Env(...) is added by the environment module.
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.which {
+        BenchWhich::Decode(d) => crate::models::bench::run(d),
+    }
+}

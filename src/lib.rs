@@ -1,0 +1,6 @@
+//! miniwob-steer: activation-steering experiments on language and vision-language models
+//! acting as MiniWoB++ web agents. See DESIGN.md for the architecture.
+pub mod bench;
+pub mod models;
+pub mod steering;
+pub mod util;

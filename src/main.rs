@@ -1,0 +1,40 @@
+//! miniwob-steer command line.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use miniwob_steer::{bench, models, steering};
+
+#[derive(Parser)]
+#[command(name = "miniwob-steer", version, about = "Activation-steering experiments on MiniWoB++ web agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the model registry (aliases, layers, the auto layer, what is installed).
+    Models(models::cli::ModelsArgs),
+    /// Generate text, optionally steered (one row per coefficient, in one batch).
+    Generate(models::cli::GenerateArgs),
+    /// Save per-layer residual activations, the final norm output and last-position logits.
+    Extract(models::cli::ExtractArgs),
+    /// Compute, inspect, combine, import or export steering vectors.
+    Vector(steering::cli::VectorArgs),
+    /// Speed benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Models(a) => models::cli::run_models(a),
+        Command::Generate(a) => models::cli::run_generate(a),
+        Command::Extract(a) => models::cli::run_extract(a),
+        Command::Vector(a) => steering::cli::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

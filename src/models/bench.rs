@@ -1,0 +1,175 @@
+//! `bench decode`: prefill and decode tokens/s with no hook, a steering hook, and α = 0, side by
+//! side with the transformers peer (scripts/peer/hf_decode.py) in the same invocation.
+use super::cli::ModelArgs;
+use super::decoder::Decoder;
+use super::generate::left_pad;
+use super::hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
+use super::registry::{self, Location};
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchDecodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Timed repetitions per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// CPU threads for both implementations (sets RAYON_NUM_THREADS / torch threads).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, default_value = "auto")]
+    pub layer: String,
+    #[arg(long, default_value_t = 4.0)]
+    pub coeff: f32,
+    /// Python with torch + transformers for the peer; default target/py/bin/python if present.
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Skip the Python peer.
+    #[arg(long)]
+    pub no_peer: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    prefill: f64,
+    decode: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn measure(d: &Decoder, prompt: &[u32], new_tokens: usize, spec: &HookSpec, reps: usize) -> Result<Speed> {
+    let mut pre = Vec::new();
+    let mut dec = Vec::new();
+    // One untimed warm-up, then `reps` timed runs.
+    for rep in 0..=reps {
+        let (ids, pads) = left_pad(&[prompt.to_vec()], 0, d.device())?;
+        let mut st = d.new_state(pads.clone());
+        let mut caps = Captures::default();
+        let t0 = Instant::now();
+        let logits = d.forward(&ids, &mut st, &StepInfo::prefill(pads), spec, &mut caps, false)?;
+        let mut next = logits.squeeze(0)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let t_pre = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..new_tokens {
+            let ids = Tensor::new(&[[next]], d.device())?;
+            let logits = d.forward(&ids, &mut st, &StepInfo::decode(1), spec, &mut caps, false)?;
+            next = logits.squeeze(0)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        }
+        let t_dec = t1.elapsed().as_secs_f64();
+        if rep > 0 {
+            pre.push(prompt.len() as f64 / t_pre);
+            dec.push(new_tokens as f64 / t_dec);
+        }
+    }
+    Ok(Speed { prefill: median(pre), decode: median(dec) })
+}
+
+fn peer(a: &BenchDecodeArgs, python: &PathBuf, location: &Location, layer: usize, hook: &str) -> Result<Speed> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/peer/hf_decode.py");
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(&script);
+    match location {
+        Location::Gguf(p) => cmd.arg("--gguf").arg(p),
+        Location::Dir(p) => cmd.arg("--model-dir").arg(p),
+    };
+    cmd.args(["--prompt-tokens", &a.prompt_tokens.to_string(), "--new-tokens", &a.new_tokens.to_string()])
+        .args(["--layer", &layer.to_string(), "--coeff", &a.coeff.to_string(), "--threads", &a.threads.to_string()])
+        .args(["--hook", hook, "--reps", &a.reps.to_string()])
+        .env("OMP_NUM_THREADS", a.threads.to_string());
+    let out = cmd.output().with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("peer failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("peer printed no JSON line")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    Ok(Speed {
+        prefill: v["prefill_tok_s"].as_f64().context("peer JSON lacks prefill_tok_s")?,
+        decode: v["decode_tok_s"].as_f64().context("peer JSON lacks decode_tok_s")?,
+    })
+}
+
+pub fn run(a: BenchDecodeArgs) -> Result<()> {
+    // Must happen before candle's first parallel kernel reads it.
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    let resolved = registry::resolve(&a.model.model)?;
+    let m = a.model.load()?;
+    let d = &m.decoder;
+    let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
+    // A deterministic prompt of exactly `prompt_tokens` tokens.
+    let base = "The quick brown fox jumps over the lazy dog while the web agent clicks the submit button. ";
+    let mut ids = Vec::new();
+    while ids.len() < a.prompt_tokens {
+        ids.extend(m.tokenizer.encode(base, false)?);
+    }
+    ids.truncate(a.prompt_tokens);
+    let v = Tensor::randn(0f32, 1f32, d.cfg.hidden_size, &Device::Cpu)?;
+    let v = (&v / v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+    let configs = [
+        ("none", HookSpec::none()),
+        ("steer", HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![a.coeff], Positions::Last)),
+        ("zero", HookSpec::none().add(HookPoint::ResidPost(layer), v, vec![0.0], Positions::Last)),
+    ];
+    let python = a.python.clone().or_else(|| {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
+        p.exists().then_some(p)
+    });
+    println!(
+        "model {} ({}), dtype {}, threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
+        m.info.name,
+        m.info.checkpoint,
+        m.info.dtype,
+        a.threads,
+        a.prompt_tokens,
+        a.new_tokens,
+        HookPoint::ResidPost(layer),
+        a.coeff,
+        a.reps
+    );
+    println!("| hook | ours prefill tok/s | ours decode tok/s | peer prefill tok/s | peer decode tok/s | prefill ratio | decode ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ours_none = None;
+    for (name, spec) in &configs {
+        let s = measure(d, &ids, a.new_tokens, spec, a.reps)?;
+        if *name == "none" {
+            ours_none = Some(s);
+        }
+        let p = match (&python, a.no_peer) {
+            (Some(py), false) => match peer(&a, py, &resolved.location, layer, name) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("peer skipped: {e:#}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (pp, pd, rp, rd) = match p {
+            Some(p) => (
+                format!("{:.1}", p.prefill),
+                format!("{:.1}", p.decode),
+                format!("{:.2}x", s.prefill / p.prefill),
+                format!("{:.2}x", s.decode / p.decode),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        println!("| {name} | {:.1} | {:.1} | {pp} | {pd} | {rp} | {rd} |", s.prefill, s.decode);
+    }
+    if python.is_none() && !a.no_peer {
+        println!("(peer not run: no target/py venv; create it with scripts/goldens/venv.sh)");
+    }
+    if let Some(n) = ours_none {
+        println!("steering overhead is the ratio of the `steer` row to the `none` row (decode {:.1} tok/s without a hook)", n.decode);
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! `models`, `generate` and `extract` subcommands.
+use super::generate::{self, GenerateConfig, Sampling};
+use super::hooks::{HookPoint, HookSpec, Positions};
+use super::load::LoadedModel;
+use super::registry::{self, REGISTRY};
+use super::tokenizer::ChatMessage;
+use super::weights::WeightDType;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `--device cpu|cuda[:N]|auto`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        s if s.starts_with("cuda") => {
+            let n: usize = s.strip_prefix("cuda").and_then(|r| r.strip_prefix(':')).unwrap_or("0").parse()
+                .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
+            Device::new_cuda(n).with_context(|| format!("--device {s}: this binary has no CUDA support or no GPU {n} is visible (build with --features cuda)"))
+        }
+        other => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Registry alias, transformers checkpoint directory, or .gguf file.
+    #[arg(long, default_value = registry::DEFAULT_MODEL)]
+    pub model: String,
+    /// Weight dtype: f32 (dequantized reference path), f16, bf16, or gguf (keep quantized).
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDType,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
+        LoadedModel::load(&self.model, &parse_device(&self.device)?, self.dtype)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_models(a: ModelsArgs) -> Result<()> {
+    if a.json {
+        let rows: Vec<_> = REGISTRY
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "alias": e.alias, "checkpoint": e.checkpoint, "family": e.family, "params": e.params,
+                    "layers": e.layers, "auto_layer": e.auto_layer(),
+                    "modality": format!("{:?}", e.modality).to_lowercase(),
+                    "installed": registry::resolve(e.alias).is_ok(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("| alias | checkpoint | family | params | layers | auto layer | modality | available here |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for e in REGISTRY {
+        let default = if e.alias == registry::DEFAULT_MODEL { " (default)" } else { "" };
+        println!(
+            "| {}{default} | {} | {} | {} | {} | {} | {:?} | {} |",
+            e.alias,
+            e.checkpoint,
+            e.family,
+            e.params,
+            e.layers,
+            e.auto_layer(),
+            e.modality,
+            if registry::resolve(e.alias).is_ok() { "yes" } else { "no" }
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling seed (with --temperature > 0).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Steering vector file (safetensors with `layer.{i}` tensors).
+    #[arg(long)]
+    pub vector: Option<PathBuf>,
+    /// Layer to steer: auto (50% depth) or an index.
+    #[arg(long, default_value = "auto")]
+    pub layer: String,
+    /// Steering coefficients; several values generate one row each in one batch.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub coeff: Vec<f32>,
+    /// Positions to steer: last, all, prompt, generated.
+    #[arg(long, default_value = "last")]
+    pub positions: Positions,
+    /// Also generate an unsteered baseline row in the same batch.
+    #[arg(long)]
+    pub with_baseline: bool,
+    /// One JSON object per row instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads a steering vector for one layer from a safetensors file (`layer.{i}`, `[hidden]`).
+pub fn read_layer_vector(path: &std::path::Path, layer: usize, hidden: usize) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading steering vector file {}", path.display()))?;
+    let key = format!("layer.{layer}");
+    let t = tensors.get(&key).with_context(|| {
+        let mut have: Vec<&String> = tensors.keys().collect();
+        have.sort();
+        format!("{}: no tensor `{key}` (the file has {have:?}); pick --layer accordingly", path.display())
+    })?;
+    if t.dims() != [hidden] {
+        bail!(
+            "{}: tensor `{key}` has shape {:?}, expected [{hidden}] (this model's hidden size): the vector belongs to another model",
+            path.display(),
+            t.dims()
+        );
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+pub fn render_prompt(m: &LoadedModel, prompt: &str, chat: bool) -> Result<String> {
+    if chat {
+        m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)
+    } else {
+        Ok(prompt.to_string())
+    }
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let m = a.model.load()?;
+    let text = render_prompt(&m, &a.prompt, a.chat)?;
+    let ids = m.tokenizer.encode(&text, !a.chat)?;
+    let mut coeffs: Vec<f32> = Vec::new();
+    let mut spec = HookSpec::none();
+    let mut layer = None;
+    if let Some(path) = &a.vector {
+        let l = registry::parse_layer(&a.layer, m.decoder.cfg.num_layers)?;
+        let v = read_layer_vector(path, l, m.decoder.cfg.hidden_size)?;
+        if a.with_baseline {
+            coeffs.push(0.0);
+        }
+        coeffs.extend(&a.coeff);
+        spec = spec.add(HookPoint::ResidPost(l), v, coeffs.clone(), a.positions);
+        layer = Some(l);
+    } else {
+        coeffs.push(0.0);
+    }
+    let prompts = vec![ids.clone(); coeffs.len()];
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: if a.temperature > 0.0 { Sampling::Sample { temperature: a.temperature, top_p: a.top_p } } else { Sampling::Greedy },
+        seed: a.seed,
+        stop_ids: m.tokenizer.stop_token_ids(),
+        pad_id: m.tokenizer.pad_token_id().unwrap_or(0),
+    };
+    let t0 = std::time::Instant::now();
+    let out = generate::generate(&m.decoder, &prompts, &cfg, &spec, &mut Default::default())?;
+    let secs = t0.elapsed().as_secs_f64();
+    for (g, c) in out.iter().zip(&coeffs) {
+        let text = m.tokenizer.decode(&g.tokens, true)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": m.info.name, "weights_hash": m.info.weights_hash, "dtype": m.info.dtype,
+                    "hook_point": layer.map(|l| HookPoint::ResidPost(l).to_string()),
+                    "coeff": c, "positions": a.positions.to_string(), "seed": a.seed,
+                    "prompt_tokens": g.prompt_tokens, "tokens": g.tokens, "stopped": g.stop.is_some(), "text": text,
+                })
+            );
+        } else {
+            match layer {
+                Some(l) => println!("--- {} coeff {c} ---", HookPoint::ResidPost(l)),
+                None => println!("---"),
+            }
+            println!("{text}");
+        }
+    }
+    let new: usize = out.iter().map(|g| g.tokens.len()).sum();
+    tracing::info!("{} rows, {new} new tokens in {secs:.2}s", out.len());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// One prompt.
+    #[arg(long, conflicts_with = "prompts_file")]
+    pub prompt: Option<String>,
+    /// Prompts, one per line (plain text, or JSON objects with a `text` field).
+    #[arg(long)]
+    pub prompts_file: Option<PathBuf>,
+    #[arg(long)]
+    pub chat: bool,
+    /// `all` or a comma-separated list of layer indices.
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn parse_layers(spec: &str, n: usize) -> Result<Vec<usize>> {
+    if spec == "all" {
+        return Ok((0..n).collect());
+    }
+    spec.split(',').map(|s| registry::parse_layer(s.trim(), n)).collect()
+}
+
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompts file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim_start().starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let t = v.get("text").or_else(|| v.get("prompt")).and_then(|t| t.as_str()).with_context(|| {
+                format!("{}:{}: JSON line without a string field `text`", path.display(), i + 1)
+            })?;
+            out.push(t.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+pub fn run_extract(a: ExtractArgs) -> Result<()> {
+    let prompts = match (&a.prompt, &a.prompts_file) {
+        (Some(p), None) => vec![p.clone()],
+        (None, Some(f)) => read_prompts(f)?,
+        _ => bail!("give --prompt TEXT or --prompts-file FILE"),
+    };
+    let m = a.model.load()?;
+    let layers = parse_layers(&a.layers, m.decoder.cfg.num_layers)?;
+    let mut spec = HookSpec::none().capture(HookPoint::FinalNorm);
+    for &l in &layers {
+        spec = spec.capture(HookPoint::ResidPost(l));
+    }
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let text = render_prompt(&m, p, a.chat)?;
+            m.tokenizer.encode(&text, !a.chat)
+        })
+        .collect::<Result<_>>()?;
+    let pad_id = m.tokenizer.pad_token_id().unwrap_or(0);
+    let (logits, caps, pads) = generate::prefill(&m.decoder, &ids, pad_id, &spec)?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    for &l in &layers {
+        let p = HookPoint::ResidPost(l);
+        out.insert(p.to_string(), caps.get(p)?);
+    }
+    out.insert(HookPoint::FinalNorm.to_string(), caps.get(HookPoint::FinalNorm)?);
+    out.insert("logits_last".into(), logits);
+    let (ids_t, _) = generate::left_pad(&ids, pad_id, &Device::Cpu)?;
+    out.insert("input_ids".into(), ids_t.to_dtype(DType::I64)?);
+    out.insert("left_pad".into(), Tensor::from_vec(pads.iter().map(|&p| p as i64).collect::<Vec<_>>(), pads.len(), &Device::Cpu)?);
+    let meta: HashMap<String, String> = [
+        ("model", m.info.name.clone()),
+        ("checkpoint", m.info.checkpoint.clone()),
+        ("weights_hash", m.info.weights_hash.clone()),
+        ("dtype", m.info.dtype.clone()),
+        ("chat", a.chat.to_string()),
+        ("prompts", serde_json::to_string(&prompts)?),
+        (
+            "note",
+            "blocks.{i}.hook_resid_post = output of decoder layer i = transformers hidden_states[i+1]; rows are left-padded (see left_pad)".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    crate::util::save_safetensors(&out, &meta, &a.out)?;
+    eprintln!("wrote {} ({} prompts, layers {:?})", a.out.display(), prompts.len(), layers);
+    Ok(())
+}

@@ -1,0 +1,429 @@
+//! One config-driven decoder for the text families (Llama / SmolLM2, Qwen2, Gemma, Gemma2),
+//! with hook points on the residual stream and a KV cache that supports left-padded batches.
+use super::config::{Activation, DecoderConfig, RopeScaling};
+use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
+use super::weights::{LayerTensor as L, Linear, Name, Weights};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: Tensor,
+    /// Llama/Qwen2: pre-MLP norm. Gemma2: norm of the attention output.
+    post_attn_norm: Tensor,
+    /// Gemma2 only.
+    pre_ffn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Tensor>,
+    sliding: bool,
+}
+
+/// Per-sequence generation state: the KV cache and where each row's real tokens start.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// Per layer `(k, v)`, each `[batch, kv_heads, cols, head_dim]`.
+    pub kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Left-padding columns per row.
+    pub left_pad: Vec<usize>,
+    /// Columns consumed so far (padding included).
+    pub cols: usize,
+}
+
+impl State {
+    pub fn batch(&self) -> usize {
+        self.left_pad.len()
+    }
+
+    /// A state whose row `i` is a copy of this state's row `rows[i]`: prefill a shared prefix
+    /// once, then fork it into the rows that differ only after it.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<State> {
+        let dev = self
+            .kv
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone())
+            .unwrap_or(Device::Cpu);
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
+        let kv = self
+            .kv
+            .iter()
+            .map(|e| match e {
+                Some((k, v)) => Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State { kv, left_pad: rows.iter().map(|&r| self.left_pad[r]).collect(), cols: self.cols })
+    }
+}
+
+pub struct Decoder {
+    pub cfg: DecoderConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
+    let d = cfg.head_dim;
+    // Same arithmetic as transformers: exponent in f32, power, then llama3 adjustments.
+    let mut f: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 as f64 / d as f64))
+        .collect();
+    match &cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => f.iter_mut().for_each(|x| *x /= factor),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let low_wavelen = original_max_position_embeddings / low_freq_factor;
+            let high_wavelen = original_max_position_embeddings / high_freq_factor;
+            for x in f.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *x;
+                if wavelen > low_wavelen {
+                    *x /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    *x = (1.0 - smooth) * *x / factor + smooth * *x;
+                }
+            }
+        }
+        RopeScaling::FreqFactors(ff) => {
+            if ff.len() != f.len() {
+                bail!("rope_freqs has {} factors, expected head_dim / 2 = {}", ff.len(), f.len());
+            }
+            f.iter_mut().zip(ff).for_each(|(x, s)| *x /= s);
+        }
+    }
+    Ok(f.into_iter().map(|x| x as f32).collect())
+}
+
+fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    // Computed in f32 like transformers, whatever the activation dtype.
+    let dt = xs.dtype();
+    let x = xs.to_dtype(DType::F32)?;
+    Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.to_dtype(dt)?)
+}
+
+fn softcap(xs: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(c) => ((xs / c)?.tanh()? * c)?,
+        None => xs.clone(),
+    })
+}
+
+impl Decoder {
+    pub fn load(cfg: DecoderConfig, w: &Weights) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd, im) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let dtype = w.dtype.compute();
+        let norm = |name: Name| -> Result<Tensor> {
+            let t = w.vector(name, h)?;
+            Ok(if cfg.norm_offset != 0.0 { (t + cfg.norm_offset)? } else { t })
+        };
+        let embed = w.dense_f32(Name::Embed, &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let n = |t: L| Name::Layer(i, t);
+            let bias = |t: L, size: usize| -> Result<Option<Tensor>> {
+                if cfg.qkv_bias {
+                    Ok(Some(w.vector(n(t), size)?.to_dtype(dtype)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn: Attention {
+                    q: w.linear(n(L::Q), nh * hd, h)?,
+                    k: w.linear(n(L::K), nkv * hd, h)?,
+                    v: w.linear(n(L::V), nkv * hd, h)?,
+                    o: w.linear(n(L::O), h, nh * hd)?,
+                    q_bias: bias(L::QBias, nh * hd)?,
+                    k_bias: bias(L::KBias, nkv * hd)?,
+                    v_bias: bias(L::VBias, nkv * hd)?,
+                },
+                mlp: Mlp {
+                    gate: w.linear(n(L::Gate), im, h)?,
+                    up: w.linear(n(L::Up), im, h)?,
+                    down: w.linear(n(L::Down), h, im)?,
+                },
+                input_norm: norm(n(L::InputNorm))?,
+                post_attn_norm: norm(n(L::PostAttnNorm))?,
+                pre_ffn_norm: if cfg.post_norms { Some(norm(n(L::PreFfnNorm))?) } else { None },
+                post_ffn_norm: if cfg.post_norms { Some(norm(n(L::PostFfnNorm))?) } else { None },
+                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
+            });
+        }
+        let final_norm = norm(Name::FinalNorm)?;
+        let lm_head = if cfg.tie_word_embeddings || !w.has(Name::LmHead) {
+            if !cfg.tie_word_embeddings {
+                tracing::warn!("no lm_head tensor although the config says untied; tying to the embedding");
+            }
+            match w.dtype {
+                super::weights::WeightDType::Gguf => w.linear(Name::Embed, cfg.vocab_size, h)?,
+                _ => Linear::Dense(embed.to_dtype(dtype)?),
+            }
+        } else {
+            w.linear(Name::LmHead, cfg.vocab_size, h)?
+        };
+        let embed = embed.to_dtype(dtype)?;
+        Ok(Self {
+            inv_freq: inv_freq(&cfg)?,
+            cfg,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device: w.device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn new_state(&self, left_pad: Vec<usize>) -> State {
+        State { kv: vec![None; self.cfg.num_layers], left_pad, cols: 0 }
+    }
+
+    /// cos/sin `[batch, seq, head_dim/2]` for columns `start..start+seq` of each row.
+    fn rope_tables(&self, state: &State, seq: usize) -> Result<(Tensor, Tensor)> {
+        let b = state.batch();
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * seq * half);
+        let mut sin = Vec::with_capacity(b * seq * half);
+        for &pad in &state.left_pad {
+            for c in state.cols..state.cols + seq {
+                // Padding columns get position 0; they are masked out anyway.
+                let pos = c.saturating_sub(pad) as f32;
+                for &f in &self.inv_freq {
+                    let a = pos * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, seq, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, seq, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Additive mask `[batch, 1, seq, cols]`: causal, left padding, optional sliding window.
+    fn mask(&self, state: &State, seq: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+        let total = state.cols + seq;
+        let any_pad = state.left_pad.iter().any(|&p| p > 0);
+        if seq == 1 && !any_pad && window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        let b = state.batch();
+        let mut m = vec![0f32; b * seq * total];
+        for (r, &pad) in state.left_pad.iter().enumerate() {
+            for qi in 0..seq {
+                let q = state.cols + qi;
+                for k in 0..total {
+                    let mut blocked = k > q || k < pad;
+                    if let Some(w) = window {
+                        blocked |= q >= k + w;
+                    }
+                    // A padding query sees only itself, so its softmax stays finite.
+                    if k == q {
+                        blocked = false;
+                    }
+                    if blocked {
+                        m[(r * seq + qi) * total + k] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (b, 1, seq, total), &self.device)?))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        idx: usize,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        state: &mut State,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, seq, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let a = &layer.attn;
+        let proj = |lin: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+            let mut y = lin.forward(xs)?;
+            if let Some(bias) = bias {
+                y = y.broadcast_add(bias)?;
+            }
+            Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = proj(&a.q, &a.q_bias, nh)?;
+        let k = proj(&a.k, &a.k_bias, nkv)?;
+        let v = proj(&a.v, &a.v_bias, nkv)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match &state.kv[idx] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        state.kv[idx] = Some((k.clone(), v.clone()));
+        let n_rep = nh / nkv;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        // Scores and softmax in f32 (transformers upcasts the softmax too).
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * cfg.attn_scale())?;
+        let scores = softcap(&scores, cfg.attn_logit_softcap)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
+        a.o.forward(&out)
+    }
+
+    fn mlp(&self, m: &Mlp, xs: &Tensor) -> Result<Tensor> {
+        let g = m.gate.forward(xs)?;
+        let g = match self.cfg.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+            Activation::Gelu => g.gelu_erf()?,
+        };
+        m.down.forward(&(g * m.up.forward(xs)?)?)
+    }
+
+    /// Embeds token ids `[batch, seq]` (`hook_embed` is after Gemma's scaling).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, seq) = ids.dims2()?;
+        let e = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, seq, self.cfg.hidden_size))?;
+        Ok(match self.cfg.embed_scale {
+            // transformers rounds the scale to the activation dtype before multiplying.
+            Some(s) => {
+                let s = Tensor::new(&[s as f32], &self.device)?.to_dtype(self.dtype)?;
+                e.broadcast_mul(&s)?
+            }
+            None => e,
+        })
+    }
+
+    /// One forward call over `ids` (`[batch, seq]`), appending to `state`'s KV cache.
+    /// Returns f32 logits for every position (`all_logits`) or for the last one only
+    /// (`[batch, 1, vocab]`).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let xs = self.embed(ids)?;
+        self.forward_embeds(xs, state, step, spec, caps, all_logits)
+    }
+
+    /// Like [`forward`](Self::forward) from input embeddings (`[batch, seq, hidden]`), so
+    /// multimodal models can splice image features in.
+    pub fn forward_embeds(
+        &self,
+        xs: Tensor,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, seq, _) = xs.dims3()?;
+        if b != state.batch() {
+            bail!("batch of {b} rows but the state was made for {}", state.batch());
+        }
+        if !spec.is_empty() {
+            spec.validate(b, cfg.hidden_size, cfg.num_layers)?;
+        }
+        let hooked = !spec.is_empty();
+        let mut xs = xs;
+        if hooked && spec.touches(HookPoint::Embed) {
+            xs = hooks::apply(spec, HookPoint::Embed, xs, step, caps)?;
+        }
+        let (cos, sin) = self.rope_tables(state, seq)?;
+        let full_mask = self.mask(state, seq, None)?;
+        let window_mask = match cfg.sliding_window {
+            Some(w) => self.mask(state, seq, Some(w))?,
+            None => None,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            if hooked && spec.touches(HookPoint::ResidPre(i)) {
+                xs = hooks::apply(spec, HookPoint::ResidPre(i), xs, step, caps)?;
+            }
+            let mask = if layer.sliding { window_mask.as_ref() } else { full_mask.as_ref() };
+            let h = rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps)?;
+            let mut h = self.attention(layer, i, &h, &cos, &sin, mask, state)?;
+            if cfg.post_norms {
+                h = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps)?;
+            }
+            xs = (xs + h)?;
+            let pre = layer.pre_ffn_norm.as_ref().unwrap_or(&layer.post_attn_norm);
+            let h = rms_norm(&xs, pre, cfg.rms_norm_eps)?;
+            let mut h = self.mlp(&layer.mlp, &h)?;
+            if let Some(n) = &layer.post_ffn_norm {
+                h = rms_norm(&h, n, cfg.rms_norm_eps)?;
+            }
+            xs = (xs + h)?;
+            if hooked && spec.touches(HookPoint::ResidPost(i)) {
+                xs = hooks::apply(spec, HookPoint::ResidPost(i), xs, step, caps)?;
+            }
+        }
+        state.cols += seq;
+        let capture_norm = hooked && spec.touches(HookPoint::FinalNorm);
+        // Norm and project only the last position unless every position is asked for.
+        let xs = if all_logits || capture_norm { xs } else { xs.narrow(1, seq - 1, 1)? };
+        let mut xs = rms_norm(&xs, &self.final_norm, cfg.rms_norm_eps)?;
+        if capture_norm {
+            xs = hooks::apply(spec, HookPoint::FinalNorm, xs, step, caps)?;
+            if !all_logits {
+                xs = xs.narrow(1, seq - 1, 1)?;
+            }
+        }
+        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
+        softcap(&logits, cfg.final_logit_softcap)
+    }
+
+    /// Embedding table row count check for token ids (clear error instead of an index panic).
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size);
+        }
+        Ok(())
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.embed.dim(D::Minus1).unwrap_or(self.cfg.hidden_size)
+    }
+}

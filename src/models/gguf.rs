@@ -1,0 +1,108 @@
+//! GGUF checkpoints: the decoder config from llama.cpp metadata keys.
+use super::config::{Activation, DecoderConfig, Family, RopeScaling};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::path::Path;
+
+pub fn read(path: &Path) -> Result<Content> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
+    Content::read(&mut f).with_context(|| format!("{}: not a readable GGUF file", path.display()))
+}
+
+pub fn meta_str<'a>(c: &'a Content, key: &str) -> Option<&'a str> {
+    c.metadata.get(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+}
+
+fn meta_u64(c: &Content, key: &str) -> Option<u64> {
+    c.metadata.get(key).and_then(|v| match v {
+        Value::U8(x) => Some(*x as u64),
+        Value::U16(x) => Some(*x as u64),
+        Value::U32(x) => Some(*x as u64),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => Some(*x as u64),
+        Value::I16(x) => Some(*x as u64),
+        Value::I32(x) => Some(*x as u64),
+        Value::I64(x) => Some(*x as u64),
+        _ => None,
+    })
+}
+
+fn meta_f64(c: &Content, key: &str) -> Option<f64> {
+    c.metadata.get(key).and_then(|v| match v {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        _ => None,
+    })
+}
+
+/// Builds the decoder config from GGUF metadata (`general.architecture` and `{arch}.*` keys).
+pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
+    let file = path.display().to_string();
+    let arch = meta_str(c, "general.architecture")
+        .with_context(|| format!("{file}: missing metadata `general.architecture`"))?;
+    let family = match arch {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        "gemma" => Family::Gemma,
+        "gemma2" => Family::Gemma2,
+        other => bail!("{file}: GGUF architecture `{other}` is not supported (llama, qwen2, gemma, gemma2)"),
+    };
+    let req = |k: &str| -> Result<usize> {
+        meta_u64(c, &format!("{arch}.{k}"))
+            .map(|x| x as usize)
+            .with_context(|| format!("{file}: missing integer metadata `{arch}.{k}`"))
+    };
+    let hidden_size = req("embedding_length")?;
+    let num_heads = req("attention.head_count")?;
+    let num_kv_heads = meta_u64(c, &format!("{arch}.attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads);
+    let head_dim = meta_u64(c, &format!("{arch}.attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
+    let num_layers = req("block_count")?;
+    let vocab_size = match c.tensor_infos.get("token_embd.weight") {
+        Some(info) => info.shape.dims()[0],
+        None => bail!("{file}: missing tensor `token_embd.weight`"),
+    };
+    let is_gemma = matches!(family, Family::Gemma | Family::Gemma2);
+    // Llama-3 GGUFs carry RoPE scaling as a `rope_freqs.weight` tensor instead of metadata.
+    let rope_scaling = if c.tensor_infos.contains_key("rope_freqs.weight") {
+        let mut f = std::fs::File::open(path)?;
+        let t = c.tensor(&mut f, "rope_freqs.weight", &candle_core::Device::Cpu)?.dequantize(&candle_core::Device::Cpu)?;
+        RopeScaling::FreqFactors(t.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect())
+    } else {
+        RopeScaling::None
+    };
+    let sliding_window = meta_u64(c, &format!("{arch}.attention.sliding_window")).map(|x| x as usize);
+    let sliding_layers: Vec<bool> = if family == Family::Gemma2 && sliding_window.is_some() {
+        (0..num_layers).map(|i| i % 2 == 0).collect()
+    } else {
+        vec![false; num_layers]
+    };
+    let eos = meta_u64(c, "tokenizer.ggml.eos_token_id").map(|x| vec![x as u32]).unwrap_or_default();
+    Ok(DecoderConfig {
+        family,
+        vocab_size,
+        hidden_size,
+        intermediate_size: req("feed_forward_length")?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: meta_f64(c, &format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+        rope_theta: meta_f64(c, &format!("{arch}.rope.freq_base")).unwrap_or(10000.0),
+        rope_scaling,
+        max_position_embeddings: meta_u64(c, &format!("{arch}.context_length")).map(|x| x as usize).unwrap_or(32768),
+        activation: if is_gemma { Activation::GeluTanh } else { Activation::Silu },
+        // llama.cpp's converter stores Gemma norms as (1 + w) already.
+        norm_offset: 0.0,
+        qkv_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        embed_scale: if is_gemma { Some((hidden_size as f64).sqrt()) } else { None },
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        attn_logit_softcap: meta_f64(c, &format!("{arch}.attn_logit_softcapping")),
+        final_logit_softcap: meta_f64(c, &format!("{arch}.final_logit_softcapping")),
+        query_pre_attn_scalar: if family == Family::Gemma2 { Some(head_dim as f64) } else { None },
+        sliding_window: if sliding_layers.iter().any(|&s| s) { sliding_window } else { None },
+        sliding_layers,
+        post_norms: family == Family::Gemma2,
+        bos_token_id: meta_u64(c, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        eos_token_ids: eos,
+    })
+}

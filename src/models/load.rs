@@ -1,0 +1,108 @@
+//! Loading a model (decoder + tokenizer) from an alias, a transformers directory or a GGUF file.
+use super::config::{DecoderConfig, Family};
+use super::decoder::Decoder;
+use super::registry::{self, Location, Resolved};
+use super::tokenizer::Tokenizer;
+use super::weights::{fingerprint, WeightDType, Weights};
+use super::gguf;
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::path::Path;
+
+/// What a result line records about the model it came from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub checkpoint: String,
+    pub weights_hash: String,
+    pub dtype: String,
+    pub family: String,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+}
+
+pub struct LoadedModel {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    pub info: ModelInfo,
+}
+
+/// Loads a decoder (no tokenizer) from a transformers directory.
+pub fn decoder_from_dir(dir: &Path, device: &Device, dtype: WeightDType) -> Result<(Decoder, Weights)> {
+    let cfg = DecoderConfig::from_file(&dir.join("config.json"))?;
+    let mut w = Weights::from_safetensors_dir(dir, device, dtype)?;
+    w.hint = format!(
+        " ({}: {} layers, hidden {}, {} heads / {} kv heads, head_dim {})",
+        dir.join("config.json").display(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim
+    );
+    let d = Decoder::load(cfg, &w)?;
+    Ok((d, w))
+}
+
+/// Loads a decoder from a GGUF file; returns the GGUF content for the tokenizer.
+pub fn decoder_from_gguf(path: &Path, device: &Device, dtype: WeightDType) -> Result<(Decoder, Weights)> {
+    let content = gguf::read(path)?;
+    let cfg = gguf::config(&content, path)?;
+    let mut w = Weights::from_gguf(path, content, device, dtype)?;
+    w.hint = format!(
+        " ({} metadata: {} layers, hidden {}, {} heads / {} kv heads)",
+        cfg.family.name(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads
+    );
+    if cfg.family == Family::Llama {
+        w.set_unpermute(cfg.num_heads, cfg.num_kv_heads);
+    }
+    w.set_post_norms(cfg.post_norms);
+    let d = Decoder::load(cfg, &w)?;
+    Ok((d, w))
+}
+
+impl LoadedModel {
+    /// `spec`: a registry alias, a transformers directory or a `.gguf` file.
+    pub fn load(spec: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
+        let resolved = registry::resolve(spec)?;
+        Self::load_resolved(&resolved, device, dtype)
+    }
+
+    pub fn load_resolved(r: &Resolved, device: &Device, dtype: WeightDType) -> Result<Self> {
+        let t0 = std::time::Instant::now();
+        let (decoder, weights, tokenizer) = match &r.location {
+            Location::Dir(dir) => {
+                let (d, w) = decoder_from_dir(dir, device, dtype)?;
+                let t = Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+                (d, w, t)
+            }
+            Location::Gguf(path) => {
+                let (d, w) = decoder_from_gguf(path, device, dtype)?;
+                let t = match &w.source {
+                    super::weights::Source::Gguf { content, .. } => Tokenizer::from_gguf(content)
+                        .with_context(|| format!("building the tokenizer from {}", path.display()))?,
+                    _ => unreachable!(),
+                };
+                (d, w, t)
+            }
+        };
+        let info = ModelInfo {
+            name: r.name.clone(),
+            checkpoint: r.checkpoint.clone(),
+            weights_hash: fingerprint(&weights.files())?,
+            dtype: dtype.name().to_string(),
+            family: decoder.cfg.family.name().to_string(),
+            num_layers: decoder.cfg.num_layers,
+            hidden_size: decoder.cfg.hidden_size,
+        };
+        tracing::info!(
+            model = %info.name, dtype = %info.dtype, layers = info.num_layers, hidden = info.hidden_size,
+            "loaded in {:.2}s", t0.elapsed().as_secs_f64()
+        );
+        Ok(Self { decoder, tokenizer, info })
+    }
+}

@@ -1,0 +1,17 @@
+//! Candle models with hook points. Nothing here knows about browsers.
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod registry;
+pub mod weights;
+
+pub use config::DecoderConfig;
+pub use decoder::{Decoder, State};
+pub use hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
+pub use weights::WeightDType;
+pub mod bench;
+pub mod cli;
+pub mod load;
+pub mod tokenizer;

@@ -1,0 +1,232 @@
+//! Contrastive Activation Addition: hidden-state differences between positive and negative
+//! prompts at `blocks.{l}.hook_resid_post`, reduced by mean (CAA) or first principal component.
+use super::pairs::PromptPair;
+use super::vector::{now, unit, SteeringVector, VectorMeta};
+use crate::models::generate::{self, GenerateConfig};
+use crate::models::hooks::{HookPoint, HookSpec, Positions};
+use crate::models::load::LoadedModel;
+use crate::models::tokenizer::ChatMessage;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Last token of the chat-formatted prompt; mean difference.
+    Prompt,
+    /// Generate greedily, then the last token of prompt + response; mean difference.
+    Response,
+    /// Last prompt token; first principal component of the differences.
+    Pca,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Prompt => "prompt",
+            Method::Response => "response",
+            Method::Pca => "pca",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CaaOptions {
+    pub layers: Vec<usize>,
+    pub method: Method,
+    /// Rows per forward batch (positive and negative rows count separately).
+    pub batch_size: usize,
+    /// Response length for `Method::Response`.
+    pub response_tokens: usize,
+}
+
+/// Chat-formats `base + "\n\n" + instruction` as a user turn with the generation prompt.
+pub fn pair_prompts(model: &LoadedModel, bases: &[String], pair: &PromptPair) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let (pos, neg) = match (&pair.positive, &pair.negative) {
+        (Some(p), Some(n)) => (p, n),
+        _ => bail!("pair `{}` is a composite; compute its members and combine them", pair.name),
+    };
+    let enc = |base: &str, instr: &str| -> Result<Vec<u32>> {
+        let content = format!("{base}\n\n{instr}");
+        let text = model.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }], true)?;
+        model.tokenizer.encode(&text, false)
+    };
+    bases.iter().map(|b| Ok((enc(b, pos)?, enc(b, neg)?))).collect()
+}
+
+fn progress(n: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap().progress_chars("=> "));
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Last-position hidden states `[rows, hidden]` per layer for a list of prompts, batched.
+fn last_states(model: &LoadedModel, prompts: &[Vec<u32>], layers: &[usize], batch: usize, pb: &ProgressBar) -> Result<BTreeMap<usize, Vec<Tensor>>> {
+    let mut spec = HookSpec::none();
+    for &l in layers {
+        spec = spec.capture(HookPoint::ResidPost(l));
+    }
+    let pad = model.tokenizer.pad_token_id().unwrap_or(0);
+    let mut out: BTreeMap<usize, Vec<Tensor>> = layers.iter().map(|&l| (l, Vec::new())).collect();
+    for chunk in prompts.chunks(batch.max(1)) {
+        let (_, caps, _) = generate::prefill(&model.decoder, chunk, pad, &spec)?;
+        for &l in layers {
+            let h = caps.get(HookPoint::ResidPost(l))?;
+            let seq = h.dim(1)?;
+            // Left padding puts every row's last token in the last column.
+            let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            for r in 0..chunk.len() {
+                out.get_mut(&l).unwrap().push(last.get(r)?);
+            }
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// First principal component of the rows of `d` (`[n, h]`), uncentered (about the origin, so a
+/// consistent shift dominates it), sign-aligned with the mean row. Power iteration on the
+/// `n × n` Gram matrix, in f64.
+pub fn first_pc(diffs: &[Vec<f32>]) -> Result<Vec<f32>> {
+    let n = diffs.len();
+    if n == 0 {
+        bail!("no differences");
+    }
+    let h = diffs[0].len();
+    let mut g = vec![0f64; n * n];
+    for i in 0..n {
+        for j in i..n {
+            let s: f64 = diffs[i].iter().zip(&diffs[j]).map(|(&a, &b)| a as f64 * b as f64).sum();
+            g[i * n + j] = s;
+            g[j * n + i] = s;
+        }
+    }
+    let mut u = vec![1.0 / (n as f64).sqrt(); n];
+    for _ in 0..500 {
+        let mut next = vec![0f64; n];
+        for i in 0..n {
+            next[i] = (0..n).map(|j| g[i * n + j] * u[j]).sum();
+        }
+        let norm = next.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            bail!("the differences are all zero");
+        }
+        next.iter_mut().for_each(|x| *x /= norm);
+        let delta: f64 = next.iter().zip(&u).map(|(a, b)| (a - b).abs()).sum();
+        u = next;
+        if delta < 1e-12 {
+            break;
+        }
+    }
+    let mut v = vec![0f64; h];
+    for (i, d) in diffs.iter().enumerate() {
+        for k in 0..h {
+            v[k] += u[i] * d[k] as f64;
+        }
+    }
+    let mean: Vec<f64> = (0..h).map(|k| diffs.iter().map(|d| d[k] as f64).sum::<f64>() / n as f64).collect();
+    let dot: f64 = v.iter().zip(&mean).map(|(a, b)| a * b).sum();
+    let sign = if dot < 0.0 { -1.0 } else { 1.0 };
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    Ok(v.into_iter().map(|x| (sign * x / norm) as f32).collect())
+}
+
+/// Computes a steering vector from tokenized (positive, negative) prompt pairs.
+pub fn compute(model: &LoadedModel, pairs: &[(Vec<u32>, Vec<u32>)], pair_name: &str, opts: &CaaOptions) -> Result<SteeringVector> {
+    if pairs.is_empty() {
+        bail!("no training prompts");
+    }
+    let mut prompts: Vec<Vec<u32>> = pairs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
+    if opts.method == Method::Response {
+        let pb = progress(prompts.len() as u64, "responses");
+        let cfg = GenerateConfig {
+            max_new_tokens: opts.response_tokens,
+            stop_ids: model.tokenizer.stop_token_ids(),
+            pad_id: model.tokenizer.pad_token_id().unwrap_or(0),
+            ..Default::default()
+        };
+        let mut with_resp = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(opts.batch_size.max(1)) {
+            let gens = generate::generate(&model.decoder, chunk, &cfg, &HookSpec::none(), &mut Default::default())?;
+            for (p, g) in chunk.iter().zip(gens) {
+                let mut ids = p.clone();
+                ids.extend(g.tokens);
+                with_resp.push(ids);
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        prompts = with_resp;
+    }
+    let pb = progress(prompts.len() as u64, "activations");
+    let states = last_states(model, &prompts, &opts.layers, opts.batch_size, &pb)?;
+    pb.finish_and_clear();
+    let h = model.decoder.cfg.hidden_size;
+    let mut layers = BTreeMap::new();
+    let mut pre_norm = BTreeMap::new();
+    let mut mean_resid_norm = BTreeMap::new();
+    for (&l, rows) in &states {
+        let mut diffs: Vec<Vec<f32>> = Vec::with_capacity(pairs.len());
+        let mut norm_sum = 0f64;
+        for k in 0..pairs.len() {
+            let (p, n) = (&rows[2 * k], &rows[2 * k + 1]);
+            norm_sum += p.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+            norm_sum += n.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+            diffs.push((p - n)?.to_vec1::<f32>()?);
+        }
+        mean_resid_norm.insert(l, (norm_sum / (2 * pairs.len()) as f64) as f32);
+        let mean: Vec<f32> = (0..h).map(|k| diffs.iter().map(|d| d[k] as f64).sum::<f64>() as f32 / pairs.len() as f32).collect();
+        let mean_t = Tensor::from_vec(mean, h, &Device::Cpu)?;
+        let (dir, n) = match opts.method {
+            Method::Pca => {
+                let (_, n) = unit(&mean_t)?;
+                (Tensor::from_vec(first_pc(&diffs)?, h, &Device::Cpu)?, n)
+            }
+            _ => unit(&mean_t)?,
+        };
+        pre_norm.insert(l, n);
+        layers.insert(l, dir);
+    }
+    let info = &model.info;
+    Ok(SteeringVector {
+        layers,
+        meta: VectorMeta {
+            model: info.name.clone(),
+            checkpoint: info.checkpoint.clone(),
+            weights_hash: info.weights_hash.clone(),
+            hidden_size: info.hidden_size,
+            num_layers: info.num_layers,
+            method: opts.method.name().into(),
+            pair: pair_name.into(),
+            samples: pairs.len(),
+            pre_norm,
+            mean_resid_norm,
+            created: now(),
+        },
+    })
+}
+
+/// How `--coeff` is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoeffMode {
+    /// α multiplies the unit vector directly.
+    Absolute,
+    /// α is a fraction of the mean residual norm at the layer (recorded in the vector file).
+    Relative,
+}
+
+/// A hook spec adding `vector`'s direction at `layer` with one coefficient per batch row.
+pub fn steering_spec(v: &SteeringVector, layer: usize, coeffs: &[f32], mode: CoeffMode, positions: Positions) -> Result<HookSpec> {
+    let dir = v.layer(layer)?.clone();
+    let scale = match mode {
+        CoeffMode::Absolute => 1.0,
+        CoeffMode::Relative => *v.meta.mean_resid_norm.get(&layer).ok_or_else(|| {
+            anyhow::anyhow!("--coeff-mode relative needs the mean residual norm at layer {layer}, which this vector file lacks")
+        })?,
+    };
+    let coeffs = coeffs.iter().map(|c| c * scale).collect();
+    Ok(HookSpec::none().add(HookPoint::ResidPost(layer), dir, coeffs, positions))
+}

@@ -1,0 +1,171 @@
+//! `vector` subcommand: compute, inspect, combine, import/export llama.cpp control vectors.
+use super::caa::{self, CaaOptions, Method};
+use super::pairs;
+use super::vector::SteeringVector;
+use crate::models::cli::ModelArgs;
+use crate::models::registry;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct VectorArgs {
+    #[command(subcommand)]
+    pub action: Option<VectorAction>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum VectorAction {
+    /// Print a vector file's metadata and norms; compare with another vector.
+    Inspect {
+        file: PathBuf,
+        /// Cosine similarity to this vector, per shared layer.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+    },
+    /// Normalise each vector, sum, normalise.
+    Combine {
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read a llama.cpp control vector (GGUF) into a vector file for a model.
+    Import {
+        gguf: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ComputeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt pair name (experiments/prompt_pairs.toml or --pairs).
+    #[arg(long, default_value = "accuracy")]
+    pub pair: String,
+    /// Extra prompt-pair TOML.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "prompt")]
+    pub method: Method,
+    /// Layer(s): auto, N, or a comma-separated list.
+    #[arg(long, default_value = "auto")]
+    pub layer: String,
+    /// Training prompts: JSONL with a `text` field per line (default: experiments/caa_texts.jsonl).
+    #[arg(long)]
+    pub texts: Option<PathBuf>,
+    /// Use at most this many training prompts.
+    #[arg(long)]
+    pub train_steps: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 32)]
+    pub response_tokens: usize,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write a llama.cpp control vector.
+    #[arg(long)]
+    pub export_gguf: Option<PathBuf>,
+}
+
+pub const DEFAULT_TEXTS: &str = include_str!("../../experiments/caa_texts.jsonl");
+
+pub fn parse_texts(text: &str, origin: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{origin}:{}: invalid JSON", i + 1))?;
+        let t = v
+            .get("text")
+            .and_then(|t| t.as_str())
+            .with_context(|| format!("{origin}:{}: expected an object with a string field `text`", i + 1))?;
+        out.push(t.to_string());
+    }
+    if out.is_empty() {
+        bail!("{origin}: no training texts");
+    }
+    Ok(out)
+}
+
+pub fn run(a: VectorArgs) -> Result<()> {
+    match a.action {
+        Some(VectorAction::Inspect { file, compare }) => inspect(&file, compare.as_deref()),
+        Some(VectorAction::Combine { files, name, out }) => {
+            let vs = files.iter().map(|f| SteeringVector::load(f)).collect::<Result<Vec<_>>>()?;
+            SteeringVector::combine(&vs, &name)?.save(&out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Some(VectorAction::Import { gguf, model, out }) => {
+            let m = model.load()?;
+            SteeringVector::import_gguf(&gguf, &m.info)?.save(&out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        None => compute(a.compute),
+    }
+}
+
+fn compute(a: ComputeArgs) -> Result<()> {
+    let out = a.out.clone().context("--out FILE.safetensors is required")?;
+    let all = pairs::load(a.pairs.as_deref())?;
+    let pair = pairs::find(&all, &a.pair)?.clone();
+    let mut texts = match &a.texts {
+        Some(p) => parse_texts(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, &p.display().to_string())?,
+        None => parse_texts(DEFAULT_TEXTS, "experiments/caa_texts.jsonl")?,
+    };
+    if let Some(n) = a.train_steps {
+        texts.truncate(n);
+    }
+    let m = a.model.load()?;
+    let layers = crate::models::cli::parse_layers(&a.layer, m.decoder.cfg.num_layers)?;
+    let opts = CaaOptions { layers, method: a.method, batch_size: a.batch_size, response_tokens: a.response_tokens };
+    let members: Vec<pairs::PromptPair> = match &pair.combine {
+        Some(names) => names.iter().map(|n| pairs::find(&all, n).cloned()).collect::<Result<_>>()?,
+        None => vec![pair.clone()],
+    };
+    let mut vs = Vec::new();
+    for p in &members {
+        let prompts = caa::pair_prompts(&m, &texts, p)?;
+        tracing::info!(pair = %p.name, samples = prompts.len(), method = a.method.name(), "computing vector");
+        vs.push(caa::compute(&m, &prompts, &p.name, &opts)?);
+    }
+    let v = if vs.len() == 1 { vs.pop().unwrap() } else { SteeringVector::combine(&vs, &pair.name)? };
+    v.save(&out)?;
+    eprintln!("wrote {} (pair {}, method {}, layers {:?}, {} samples)", out.display(), pair.name, v.meta.method, v.layers.keys().collect::<Vec<_>>(), v.meta.samples);
+    if let Some(g) = &a.export_gguf {
+        v.export_gguf(g, &m.decoder.cfg.family.name().replace("gemma2", "gemma2"))?;
+        eprintln!("wrote {}", g.display());
+    }
+    Ok(())
+}
+
+fn inspect(file: &Path, compare: Option<&Path>) -> Result<()> {
+    let v = SteeringVector::load(file)?;
+    println!("file: {}", file.display());
+    println!("hash: {}", SteeringVector::file_hash(file)?);
+    println!("{}", serde_json::to_string_pretty(&v.meta)?);
+    for (l, t) in &v.layers {
+        let n = t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        println!("layer {l} ({}): norm {n:.6}", SteeringVector::hook_point(*l));
+    }
+    if let Some(other) = compare {
+        let w = SteeringVector::load(other)?;
+        for (l, t) in &v.layers {
+            if let Some(u) = w.layers.get(l) {
+                println!("cosine with {} at layer {l}: {:.6}", other.display(), crate::models::generate::cosine(t, u)?);
+            }
+        }
+    }
+    let _ = registry::DEFAULT_MODEL;
+    Ok(())
+}

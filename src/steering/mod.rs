@@ -1,0 +1,9 @@
+//! Steering vectors: contrastive prompt pairs, CAA (mean difference, PCA), vector files and
+//! llama.cpp control-vector interop.
+pub mod caa;
+pub mod cli;
+pub mod pairs;
+pub mod vector;
+
+pub use caa::{CoeffMode, Method};
+pub use vector::SteeringVector;

@@ -1,0 +1,61 @@
+//! Small shared helpers.
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Writes tensors with string metadata to a safetensors file atomically (temp file, then
+/// rename), so an interrupted write never leaves a truncated file under the final name.
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, metadata: &HashMap<String, String>, path: &Path) -> Result<()> {
+    struct View {
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+    impl safetensors::View for &View {
+        fn dtype(&self) -> safetensors::Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&self.bytes)
+        }
+        fn data_len(&self) -> usize {
+            self.bytes.len()
+        }
+    }
+    let mut views: Vec<(String, View)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (t, dtype) = match t.dtype() {
+            DType::F32 => (t.clone(), safetensors::Dtype::F32),
+            DType::F16 => (t.clone(), safetensors::Dtype::F16),
+            DType::BF16 => (t.clone(), safetensors::Dtype::BF16),
+            DType::F64 => (t.clone(), safetensors::Dtype::F64),
+            DType::I64 => (t.clone(), safetensors::Dtype::I64),
+            DType::U32 => (t.clone(), safetensors::Dtype::U32),
+            DType::U8 => (t.clone(), safetensors::Dtype::U8),
+            _ => (t.to_dtype(DType::F32)?, safetensors::Dtype::F32),
+        };
+        let t = t.to_device(&candle_core::Device::Cpu)?.contiguous()?;
+        let mut bytes = Vec::new();
+        t.write_bytes(&mut bytes)?;
+        views.push((name.clone(), View { dtype, shape: t.dims().to_vec(), bytes }));
+    }
+    let refs: Vec<(&str, &View)> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    safetensors::serialize_to_file(refs, Some(metadata.clone()), tmp.path())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads the string metadata of a safetensors file.
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
