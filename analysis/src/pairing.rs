@@ -1,0 +1,211 @@
+//! Pairs steered episodes with their baseline episodes and finds duplicates and incompatible runs.
+//!
+//! Pair key: (experiment, model, layer, prompt_pair, vector_method, task, seed). In a paired run the
+//! baseline row carries the same layer and prompt pair as its steered rows, and one baseline row is
+//! shared by every coefficient of that run: each steered row pairs with it. Baseline rows are
+//! vector-independent (α = 0), so a steered row takes the baseline with its own `vector_hash` when
+//! there is one, else one with a null hash, else the first baseline of its key.
+//!
+//! Full key (the contract's): pair key + coeff + condition. Rows with the same full key and the same
+//! vector hash are duplicates (the first is kept, the rest counted); the same full key with different
+//! vector hashes comes from incompatible runs: reported, and every row of that run configuration
+//! (experiment, model, layer, coeff, prompt_pair, vector_method) is kept apart by its vector hash
+//! ("variant") so the runs are never averaged together.
+
+use std::collections::HashSet;
+
+use crate::ingest::Rows;
+
+/// No row.
+pub const NONE: u32 = u32::MAX;
+
+/// Two rows with the same full key and different vector hashes.
+#[derive(Debug, Clone)]
+pub struct Conflict {
+    /// The full key, readable.
+    pub key: String,
+    pub first_source: String,
+    pub first_hash: String,
+    pub other_source: String,
+    pub other_hash: String,
+}
+
+/// Result of pairing.
+#[derive(Debug, Default)]
+pub struct Pairing {
+    /// Per analysis unit: the steered row (NONE for a baseline-only unit) …
+    pub steered_row: Vec<u32>,
+    /// … its baseline row …
+    pub baseline_row: Vec<u32>,
+    /// … and the vector-hash code when its run configuration had incompatible hashes, else 0.
+    pub variant: Vec<u32>,
+    /// Distinct baseline and steered rows after removing duplicates.
+    pub unique_baselines: Vec<u32>,
+    pub unique_steered: Vec<u32>,
+    pub duplicates: u64,
+    pub duplicate_examples: Vec<String>,
+    pub conflicts: Vec<Conflict>,
+    /// Steered rows without any baseline of their pair key.
+    pub unpaired_steered: Vec<u32>,
+}
+
+impl Pairing {
+    pub fn len(&self) -> usize {
+        self.baseline_row.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.baseline_row.is_empty()
+    }
+    /// The row whose key columns describe unit `u` (the steered row if any).
+    pub fn key_row(&self, u: usize) -> usize {
+        let s = self.steered_row[u];
+        if s == NONE {
+            self.baseline_row[u] as usize
+        } else {
+            s as usize
+        }
+    }
+}
+
+type Config = (u32, u32, u32, u32, u32, u32);
+
+fn config(r: &Rows, i: usize) -> Config {
+    (r.experiment[i], r.model[i], r.layer[i], r.coeff[i], r.prompt_pair[i], r.vector_method[i])
+}
+
+/// Readable full key of row i.
+pub fn full_key(r: &Rows, i: usize) -> String {
+    let s = |d: &crate::ingest::Dict, c: u32| d.name(c).unwrap_or("null").to_string();
+    format!(
+        "experiment={} model={} layer={} coeff={} prompt_pair={} vector_method={} task={} seed={} condition={}",
+        s(&r.experiments, r.experiment[i]),
+        s(&r.models, r.model[i]),
+        r.layer_value(r.layer[i]).map_or("null".into(), |l| l.to_string()),
+        r.coeff_value(r.coeff[i]),
+        s(&r.prompt_pairs, r.prompt_pair[i]),
+        s(&r.vector_methods, r.vector_method[i]),
+        s(&r.tasks, r.task[i]),
+        r.seed[i],
+        if r.steered(i) { "steered" } else { "baseline" },
+    )
+}
+
+const MAX_EXAMPLES: usize = 20;
+
+/// Sorts the rows by pair key and pairs them (O(n log n), memory: one u32 index per row).
+pub fn pair(r: &Rows) -> Pairing {
+    let n = r.len();
+    let pk = |i: usize| {
+        (r.experiment[i], r.model[i], r.layer[i], r.prompt_pair[i], r.vector_method[i], r.task[i], r.seed[i])
+    };
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    idx.sort_unstable_by(|&a, &b| {
+        let (a, b) = (a as usize, b as usize);
+        pk(a)
+            .cmp(&pk(b))
+            .then(r.steered(a).cmp(&r.steered(b)))
+            .then(r.coeff[a].cmp(&r.coeff[b]))
+            .then(r.vector_hash[a].cmp(&r.vector_hash[b]))
+            .then(r.file[a].cmp(&r.file[b]))
+            .then(r.line[a].cmp(&r.line[b]))
+    });
+
+    let mut p = Pairing::default();
+    let mut conflict_configs: HashSet<Config> = HashSet::new();
+    let mut ub: Vec<u32> = Vec::new();
+    let mut us: Vec<u32> = Vec::new();
+    let mut used: Vec<bool> = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let key = pk(idx[start] as usize);
+        let mut end = start + 1;
+        while end < n && pk(idx[end] as usize) == key {
+            end += 1;
+        }
+        let run = &idx[start..end];
+        let split = run.partition_point(|&i| !r.steered(i as usize));
+        dedupe(r, &run[..split], &mut ub, &mut p, &mut conflict_configs);
+        dedupe(r, &run[split..], &mut us, &mut p, &mut conflict_configs);
+        p.unique_baselines.extend_from_slice(&ub);
+        p.unique_steered.extend_from_slice(&us);
+        used.clear();
+        used.resize(ub.len(), false);
+        for &s in &us {
+            let vh = r.vector_hash[s as usize];
+            let pick = ub
+                .iter()
+                .position(|&b| r.vector_hash[b as usize] == vh)
+                .or_else(|| ub.iter().position(|&b| r.vector_hash[b as usize] == 0))
+                .or(if ub.is_empty() { None } else { Some(0) });
+            match pick {
+                Some(j) => {
+                    used[j] = true;
+                    p.steered_row.push(s);
+                    p.baseline_row.push(ub[j]);
+                }
+                None => p.unpaired_steered.push(s),
+            }
+        }
+        for (j, &b) in ub.iter().enumerate() {
+            if !used[j] {
+                p.steered_row.push(NONE);
+                p.baseline_row.push(b);
+            }
+        }
+        start = end;
+    }
+    p.variant = (0..p.len())
+        .map(|u| {
+            let k = p.key_row(u);
+            if !conflict_configs.is_empty() && conflict_configs.contains(&config(r, k)) {
+                r.vector_hash[k]
+            } else {
+                0
+            }
+        })
+        .collect();
+    p
+}
+
+/// Keeps the first row of each (coeff, vector hash) within one pair-key run of one condition (rows
+/// arrive sorted by coeff, hash, source); counts duplicates and records conflicts.
+fn dedupe(r: &Rows, rows: &[u32], out: &mut Vec<u32>, p: &mut Pairing, conflicts: &mut HashSet<Config>) {
+    out.clear();
+    let mut i = 0;
+    while i < rows.len() {
+        let first = rows[i] as usize;
+        let mut j = i;
+        // all rows with this coeff
+        while j < rows.len() && r.coeff[rows[j] as usize] == r.coeff[first] {
+            j += 1;
+        }
+        let group = &rows[i..j];
+        let mut last_hash = None;
+        for &x in group {
+            let x = x as usize;
+            let h = r.vector_hash[x];
+            if last_hash == Some(h) {
+                p.duplicates += 1;
+                if p.duplicate_examples.len() < MAX_EXAMPLES {
+                    p.duplicate_examples.push(format!("{} duplicates {}", r.source(x), r.source(*out.last().unwrap() as usize)));
+                }
+                continue;
+            }
+            if last_hash.is_some() {
+                // same full key, another vector hash
+                conflicts.insert(config(r, x));
+                let name = |c: u32| r.vector_hashes.name(c).unwrap_or("null").to_string();
+                p.conflicts.push(Conflict {
+                    key: full_key(r, x),
+                    first_source: r.source(first),
+                    first_hash: name(r.vector_hash[first]),
+                    other_source: r.source(x),
+                    other_hash: name(h),
+                });
+            }
+            last_hash = Some(h);
+            out.push(x as u32);
+        }
+        i = j;
+    }
+}
