@@ -213,7 +213,12 @@ pub fn unit_frame(r: &Rows, p: &Pairing) -> Result<DataFrame> {
     let tok = |i: usize| r.tokens_out[i];
     let bs = b(&succ);
     let ss = s(&succ);
-    let b_only: Vec<u32> = bs.iter().zip(&ss).zip(&p.steered_row).map(|((&x, &y), &st)| u32::from(st != NONE && x == 1 && y == 0)).collect();
+    let b_only: Vec<u32> = bs
+        .iter()
+        .zip(&ss)
+        .zip(&p.steered_row)
+        .map(|((&x, &y), &st)| u32::from(st != NONE && x == 1 && y == 0))
+        .collect();
     let c_only: Vec<u32> = bs.iter().zip(&ss).map(|(&x, &y)| u32::from(x == 0 && y == 1)).collect();
     cols.push(Column::new("b_s".into(), bs));
     cols.push(Column::new("s_s".into(), ss));
@@ -255,7 +260,8 @@ pub fn aggregate(units: &DataFrame, r: &Rows, by: &[KeyCol], opts: StatOpts) -> 
         ])
         .collect()?;
     let h = df.height();
-    let key_cols: Vec<&UInt32Chunked> = by.iter().map(|k| df.column(k.name()).and_then(|c| c.u32())).collect::<PolarsResult<_>>()?;
+    let key_cols: Vec<&UInt32Chunked> =
+        by.iter().map(|k| df.column(k.name()).and_then(|c| c.u32())).collect::<PolarsResult<_>>()?;
     let u32c = |c: &str| df.column(c).and_then(|c| c.u32());
     let i64c = |c: &str| df.column(c).and_then(|c| c.i64());
     let f64c = |c: &str| df.column(c).and_then(|c| c.f64());

@@ -268,16 +268,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
 }
 
 /// A field that must be present but may be null.
+#[derive(Default)]
 enum Field<T> {
+    #[default]
     Missing,
     Null,
     Val(T),
-}
-
-impl<T> Default for Field<T> {
-    fn default() -> Self {
-        Field::Missing
-    }
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Field<T> {
@@ -462,11 +458,7 @@ fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         let rows = &mut ing.rows;
         let res = parse_line(line, |ep| rows.push(ep, fid, line_no as u32));
         if let Err((kind, message)) = res {
-            let kind = if !terminated && kind == ProblemKind::MalformedJson {
-                ProblemKind::TornLastLine
-            } else {
-                kind
-            };
+            let kind = if !terminated && kind == ProblemKind::MalformedJson { ProblemKind::TornLastLine } else { kind };
             ing.problems.push(Problem { file: path.to_path_buf(), line: line_no, kind, message });
         }
     }

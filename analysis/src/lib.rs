@@ -60,6 +60,31 @@ pub struct AnalyzeOpts {
     pub stats: StatOpts,
     /// Print the markdown report on stdout.
     pub stdout: bool,
+    /// Print the time of each phase on stderr.
+    pub timings: bool,
+}
+
+/// Wall time of each phase.
+struct Phases {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Phases { start: now, last: now, done: vec![] }
+    }
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+    fn line(&self) -> String {
+        let parts: Vec<String> = self.done.iter().map(|(n, t)| format!("{n} {t:.2}s")).collect();
+        format!("timings: {} (total {:.2}s)", parts.join(", "), self.start.elapsed().as_secs_f64())
+    }
 }
 
 /// What an analysis found (for the exit status and tests).
@@ -152,10 +177,13 @@ fn write(path: &Path, text: &str, summary: &mut Summary) -> Result<()> {
 
 /// Runs a full analysis: tables on stdout and in `opts.out`, CSV, plots.
 pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
+    let mut ph = Phases::new();
     let ing = load(&opts.inputs)?;
+    ph.mark("read+validate");
     let r = &ing.rows;
     let p = pairing::pair(r);
     report_pairing(&p, r);
+    ph.mark("pair");
     let units = aggregate::unit_frame(r, &p)?;
     let by = &opts.by;
     let groups = aggregate::aggregate(&units, r, by, opts.stats)?;
@@ -164,8 +192,10 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
         task_by.push(KeyCol::Task);
     }
     let task_groups = aggregate::aggregate(&units, r, &task_by, opts.stats)?;
-    let fine_by = [KeyCol::Experiment, KeyCol::Model, KeyCol::Layer, KeyCol::Coeff, KeyCol::PromptPair, KeyCol::VectorMethod];
+    let fine_by =
+        [KeyCol::Experiment, KeyCol::Model, KeyCol::Layer, KeyCol::Coeff, KeyCol::PromptPair, KeyCol::VectorMethod];
     let fine = aggregate::aggregate(&units, r, &fine_by, opts.stats)?;
+    ph.mark("group+stats");
 
     let comparison = report::comparison_table(r, by, &groups);
     let per_task = report::comparison_table(r, &task_by, &task_groups);
@@ -212,7 +242,10 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
     md.push_str(&format!("## Per task\n\n{}\n", per_task.to_markdown()));
     md.push_str(&format!("## Models\n\n{}\n", models.to_markdown()));
     if !p.conflicts.is_empty() {
-        md.push_str(&format!("## ⚠ Incompatible runs (same key, different vector_hash)\n\n{}\n", conflicts.to_markdown()));
+        md.push_str(&format!(
+            "## ⚠ Incompatible runs (same key, different vector_hash)\n\n{}\n",
+            conflicts.to_markdown()
+        ));
     }
     if !ing.problems.is_empty() {
         let shown = ing.problems.len().min(50);
@@ -220,7 +253,11 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
         for c in &mut head.cols {
             c.cells.truncate(shown);
         }
-        md.push_str(&format!("## Rejected lines ({} total, first {shown})\n\n{}\n", ing.problems.len(), head.to_markdown()));
+        md.push_str(&format!(
+            "## Rejected lines ({} total, first {shown})\n\n{}\n",
+            ing.problems.len(),
+            head.to_markdown()
+        ));
     }
     if opts.stdout {
         print!("{md}");
@@ -253,6 +290,7 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
             csv(&conflicts, "conflicts.csv")?;
         }
     }
+    ph.mark("write tables");
     if opts.plots {
         match plots::init_font(opts.font.as_deref()) {
             Ok(_) => make_plots(&units, r, opts, &mut summary)?,
@@ -262,7 +300,11 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
             }
         }
     }
+    ph.mark("plots");
     eprintln!("wrote {} files to {}", summary.written.len(), opts.out.display());
+    if opts.timings {
+        eprintln!("{}", ph.line());
+    }
     Ok(summary)
 }
 
@@ -285,10 +327,19 @@ fn series_by(r: &ingest::Rows, groups: &[GroupStats], x: KeyCol) -> Vec<(String,
     map.into_iter().collect()
 }
 
-fn make_plots(units: &polars::prelude::DataFrame, r: &ingest::Rows, opts: &AnalyzeOpts, summary: &mut Summary) -> Result<()> {
+fn make_plots(
+    units: &polars::prelude::DataFrame,
+    r: &ingest::Rows,
+    opts: &AnalyzeOpts,
+    summary: &mut Summary,
+) -> Result<()> {
     let o = |name: &str| opts.out.join(name);
     for (x, file, title) in [
-        (KeyCol::Layer, "delta_vs_layer.png", "Δ success against steered layer (pooled over coefficients, prompt pairs)"),
+        (
+            KeyCol::Layer,
+            "delta_vs_layer.png",
+            "Δ success against steered layer (pooled over coefficients, prompt pairs)",
+        ),
         (KeyCol::Coeff, "delta_vs_coeff.png", "Δ success against coefficient (pooled over layers, prompt pairs)"),
     ] {
         let groups = aggregate::aggregate(units, r, &[KeyCol::Model, x], opts.stats)?;

@@ -46,6 +46,9 @@ struct Cli {
     /// Do not print the report on stdout.
     #[arg(long, short)]
     quiet: bool,
+    /// Print the wall time of each phase on stderr.
+    #[arg(long)]
+    timings: bool,
     /// Exit with status 3 when lines were rejected or runs conflict.
     #[arg(long)]
     strict: bool,
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
                 font: cli.font,
                 stats: StatOpts { resamples: cli.resamples, seed: cli.seed, ..StatOpts::default() },
                 stdout: !cli.quiet,
+                timings: cli.timings,
             };
             let s = analyze(&opts)?;
             if cli.strict && (s.problems > 0 || s.conflicts > 0) {

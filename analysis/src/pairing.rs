@@ -187,7 +187,11 @@ fn dedupe(r: &Rows, rows: &[u32], out: &mut Vec<u32>, p: &mut Pairing, conflicts
             if last_hash == Some(h) {
                 p.duplicates += 1;
                 if p.duplicate_examples.len() < MAX_EXAMPLES {
-                    p.duplicate_examples.push(format!("{} duplicates {}", r.source(x), r.source(*out.last().unwrap() as usize)));
+                    p.duplicate_examples.push(format!(
+                        "{} duplicates {}",
+                        r.source(x),
+                        r.source(*out.last().unwrap() as usize)
+                    ));
                 }
                 continue;
             }

@@ -67,10 +67,15 @@ pub fn read_parquet(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         strs("task")?,
         strs("condition")?,
     );
-    let (layer, seed, steps, tokens_out) =
-        (get("layer", DataType::Int64)?, get("seed", DataType::Int64)?, get("steps", DataType::Int64)?, get("tokens_out", DataType::Int64)?);
+    let (layer, seed, steps, tokens_out) = (
+        get("layer", DataType::Int64)?,
+        get("seed", DataType::Int64)?,
+        get("steps", DataType::Int64)?,
+        get("tokens_out", DataType::Int64)?,
+    );
     let coeff = get("coeff", DataType::Float64)?;
-    let (vlm, pf, success) = (get("vlm", DataType::Boolean)?, get("parse_failure", DataType::Boolean)?, get("success", DataType::Boolean)?);
+    let (vlm, pf, success) =
+        (get("vlm", DataType::Boolean)?, get("parse_failure", DataType::Boolean)?, get("success", DataType::Boolean)?);
     let (experiment, model, coeff_mode, vector_hash, prompt_pair, vector_method, task, condition) = (
         experiment.str()?,
         model.str()?,
@@ -81,7 +86,8 @@ pub fn read_parquet(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         task.str()?,
         condition.str()?,
     );
-    let (layer, seed, steps, tokens_out, coeff) = (layer.i64()?, seed.i64()?, steps.i64()?, tokens_out.i64()?, coeff.f64()?);
+    let (layer, seed, steps, tokens_out, coeff) =
+        (layer.i64()?, seed.i64()?, steps.i64()?, tokens_out.i64()?, coeff.f64()?);
     let (vlm, pf, success) = (vlm.bool()?, pf.bool()?, success.bool()?);
     let cols = Cols {
         experiment,

@@ -55,6 +55,30 @@ pub fn init_font(explicit: Option<&Path>) -> Result<PathBuf> {
     r.clone().map_err(|e| anyhow!(e))
 }
 
+/// Tableau-10 colours (distinct on white; Palette99's yellow is hard to read).
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Tick text: integers without decimals, otherwise up to 2 decimals.
+fn tick(v: &f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').to_string()
+    }
+}
+
 fn pe<E: Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
@@ -102,12 +126,14 @@ pub fn delta_plot(path: &Path, title: &str, x_label: &str, series: &[(String, Ve
         .y_desc("Δ success, steered − baseline (pp)")
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(pe)?;
     chart.draw_series(LineSeries::new(vec![(x0, 0.0), (x1, 0.0)], BLACK.mix(0.5).stroke_width(1))).map_err(pe)?;
     for (i, (name, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()].to_rgba();
         let mut points = points.clone();
         points.sort_by(|a, b| a.x.total_cmp(&b.x));
         chart
@@ -163,10 +189,12 @@ pub fn task_plot(path: &Path, title: &str, tasks: &[(String, f64, Option<f64>)])
         .axis_desc_style((FONT, 16))
         .y_labels(n + 1)
         .disable_y_mesh()
+        .x_label_formatter(&tick)
         .y_label_formatter(&|y| {
+            // task 0 at the top
             let i = y.round();
             if (y - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                names[i as usize].clone()
+                names[names.len() - 1 - i as usize].clone()
             } else {
                 String::new()
             }
@@ -179,7 +207,7 @@ pub fn task_plot(path: &Path, title: &str, tasks: &[(String, f64, Option<f64>)])
     let h = 0.38;
     chart
         .draw_series(tasks.iter().enumerate().map(|(i, t)| {
-            let y = i as f64;
+            let y = (n - 1 - i) as f64;
             Rectangle::new([(0.0, y), (100.0 * t.1, y + h)], blue.filled())
         }))
         .map_err(pe)?
@@ -187,7 +215,7 @@ pub fn task_plot(path: &Path, title: &str, tasks: &[(String, f64, Option<f64>)])
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], blue.filled()));
     chart
         .draw_series(tasks.iter().enumerate().filter_map(|(i, t)| {
-            let y = i as f64;
+            let y = (n - 1 - i) as f64;
             t.2.map(|s| Rectangle::new([(0.0, y - h), (100.0 * s, y)], orange.filled()))
         }))
         .map_err(pe)?

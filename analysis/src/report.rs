@@ -33,7 +33,10 @@ pub fn comparison_table(r: &Rows, by: &[KeyCol], groups: &[GroupStats]) -> Table
         }
     }
     if groups.iter().any(|g| g.variant != 0) {
-        let v = groups.iter().map(|g| (g.variant != 0).then(|| r.vector_hashes.name(g.variant).unwrap_or("null").to_string())).collect();
+        let v = groups
+            .iter()
+            .map(|g| (g.variant != 0).then(|| r.vector_hashes.name(g.variant).unwrap_or("null").to_string()))
+            .collect();
         let c = t.str("mixed_vector_hash", "⚠ mixed runs: vector_hash", v);
         for cell in c.cells.iter_mut().filter(|s| !s.is_empty()) {
             *cell = format!("⚠ {cell}");
@@ -53,10 +56,23 @@ pub fn comparison_table(r: &Rows, by: &[KeyCol], groups: &[GroupStats]) -> Table
     t.f64("mcnemar_p", "McNemar p", opt(&|g| g.p), pval);
     t.md_only(
         "b/c",
-        groups.iter().map(|g| if g.baseline_only { String::new() } else { format!("{}/{}", g.b_only, g.c_only) }).collect(),
+        groups
+            .iter()
+            .map(|g| if g.baseline_only { String::new() } else { format!("{}/{}", g.b_only, g.c_only) })
+            .collect(),
     );
-    t.i64("baseline_only_success", "b", groups.iter().map(|g| (!g.baseline_only).then_some(g.b_only as i64)).collect()).md = false;
-    t.i64("steered_only_success", "c", groups.iter().map(|g| (!g.baseline_only).then_some(g.c_only as i64)).collect()).md = false;
+    t.i64(
+        "baseline_only_success",
+        "b",
+        groups.iter().map(|g| (!g.baseline_only).then_some(g.b_only as i64)).collect(),
+    )
+    .md = false;
+    t.i64(
+        "steered_only_success",
+        "c",
+        groups.iter().map(|g| (!g.baseline_only).then_some(g.c_only as i64)).collect(),
+    )
+    .md = false;
     t.f64("baseline_parse_fail", "parse fail (b)", opt(&|g| Some(g.base_parse_fail as f64 / g.n as f64)), pct);
     t.f64(
         "steered_parse_fail",
@@ -109,16 +125,30 @@ pub fn model_table(r: &Rows, p: &Pairing, fine_by: &[KeyCol], fine: &[GroupStats
         let (ia, ib) = (info(a), info(b));
         let fam = |i: Option<registry::ModelInfo>| i.map_or("\u{10ffff}", |i| i.family);
         let size = |i: Option<registry::ModelInfo>| i.map_or(f64::INFINITY, |i| params_value(i.params));
-        fam(ia).cmp(&fam(ib)).then(size(ia).total_cmp(&size(ib))).then(r.models.name(a).cmp(&r.models.name(b)))
+        fam(ia).cmp(fam(ib)).then(size(ia).total_cmp(&size(ib))).then(r.models.name(a).cmp(&r.models.name(b)))
     });
     let mut t = Table::default();
     let frac = |num: &[u64], den: &[u64]| -> Vec<Option<f64>> {
         models.iter().map(|&m| (den[m as usize] > 0).then(|| num[m as usize] as f64 / den[m as usize] as f64)).collect()
     };
     t.str("model", "model", models.iter().map(|&m| r.models.name(m).map(String::from)).collect());
-    t.str("family", "family", models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.family.to_string()))).collect());
-    t.str("params", "params", models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.params.to_string()))).collect()).right = true;
-    t.str("layers", "layers", models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.layers.to_string()))).collect()).right = true;
+    t.str(
+        "family",
+        "family",
+        models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.family.to_string()))).collect(),
+    );
+    t.str(
+        "params",
+        "params",
+        models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.params.to_string()))).collect(),
+    )
+    .right = true;
+    t.str(
+        "layers",
+        "layers",
+        models.iter().map(|&m| Some(info(m).map_or("?".into(), |i| i.layers.to_string()))).collect(),
+    )
+    .right = true;
     t.i64("baseline_episodes", "baseline eps", models.iter().map(|&m| Some(b_n[m as usize] as i64)).collect());
     t.f64("baseline_success", "baseline", frac(&b_s, &b_n), pct);
     t.i64("steered_episodes", "steered eps", models.iter().map(|&m| Some(s_n[m as usize] as i64)).collect());
@@ -128,9 +158,9 @@ pub fn model_table(r: &Rows, p: &Pairing, fine_by: &[KeyCol], fine: &[GroupStats
     let best: Vec<Option<&GroupStats>> = models
         .iter()
         .map(|&m| {
-            fine.iter()
-                .filter(|g| !g.baseline_only && mpos.is_some_and(|j| g.key[j] == m))
-                .max_by(|a, b| a.delta().unwrap_or(f64::NEG_INFINITY).total_cmp(&b.delta().unwrap_or(f64::NEG_INFINITY)))
+            fine.iter().filter(|g| !g.baseline_only && mpos.is_some_and(|j| g.key[j] == m)).max_by(|a, b| {
+                a.delta().unwrap_or(f64::NEG_INFINITY).total_cmp(&b.delta().unwrap_or(f64::NEG_INFINITY))
+            })
         })
         .collect();
     let others: Vec<KeyCol> = fine_by.iter().copied().filter(|k| *k != KeyCol::Model).collect();
@@ -141,7 +171,8 @@ pub fn model_table(r: &Rows, p: &Pairing, fine_by: &[KeyCol], fine: &[GroupStats
             .map(|g| {
                 g.map(|g| {
                     let mut g2 = g.clone();
-                    g2.key = fine_by.iter().zip(&g.key).filter(|(k, _)| **k != KeyCol::Model).map(|(_, c)| *c).collect();
+                    g2.key =
+                        fine_by.iter().zip(&g.key).filter(|(k, _)| **k != KeyCol::Model).map(|(_, c)| *c).collect();
                     group_label(r, &others, &g2)
                 })
             })

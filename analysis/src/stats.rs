@@ -65,11 +65,8 @@ pub fn bootstrap_delta_ci(n: u64, b: u64, c: u64, resamples: usize, level: f64, 
         let cs = bin_c.sample(&mut rng);
         let rest = n - cs;
         let q = if p_c >= 1.0 { 0.0 } else { (p_b / (1.0 - p_c)).clamp(0.0, 1.0) };
-        let bs = if rest == 0 || q == 0.0 {
-            0
-        } else {
-            Binomial::new(rest, q).expect("valid binomial").sample(&mut rng)
-        };
+        let bs =
+            if rest == 0 || q == 0.0 { 0 } else { Binomial::new(rest, q).expect("valid binomial").sample(&mut rng) };
         deltas.push((cs as f64 - bs as f64) / nf);
     }
     deltas.sort_by(|a, b| a.total_cmp(b));

@@ -75,10 +75,26 @@ struct Line<'a> {
 }
 
 const TASK_NAMES: &[&str] = &[
-    "click-button", "click-checkboxes", "click-link", "click-option", "click-tab", "enter-text",
-    "focus-text", "identify-shape", "navigate-tree", "use-autocomplete", "click-dialog", "click-test",
-    "grid-coordinate", "login-user", "choose-list", "enter-password", "click-widget", "email-inbox",
-    "search-engine", "social-media",
+    "click-button",
+    "click-checkboxes",
+    "click-link",
+    "click-option",
+    "click-tab",
+    "enter-text",
+    "focus-text",
+    "identify-shape",
+    "navigate-tree",
+    "use-autocomplete",
+    "click-dialog",
+    "click-test",
+    "grid-coordinate",
+    "login-user",
+    "choose-list",
+    "enter-password",
+    "click-widget",
+    "email-inbox",
+    "search-engine",
+    "social-media",
 ];
 
 /// Task names used by the generator.
@@ -120,7 +136,8 @@ pub fn generate(opts: &SynthOpts, out: &Path) -> Result<u64> {
                             break 'outer;
                         }
                         let steered = coeff != 0.0;
-                        let p = (base_p(ti, opts.tasks) + if steered { effect(mi, li, coeff) } else { 0.0 }).clamp(0.0, 1.0);
+                        let p = (base_p(ti, opts.tasks) + if steered { effect(mi, li, coeff) } else { 0.0 })
+                            .clamp(0.0, 1.0);
                         let success = u < p;
                         let parse_failure = pf_u < if steered { 0.02 * coeff } else { 0.03 };
                         let raw = if success { 1.0 } else { -1.0 };

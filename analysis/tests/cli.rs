@@ -135,7 +135,20 @@ fn known_counts_file(dir: &Path) -> PathBuf {
         // coeff 4: only units 10, 11 succeed: b = 10, c = 2
         let s4 = u == 10 || u == 11;
         s += &line(m, Some(12), 0.0, Some("accuracy"), task, seed, false, base, u < 3, 1, 10, Some("v1"));
-        s += &line(m, Some(12), 2.0, Some("accuracy"), task, seed, true, s2, u < 5, if u < 10 { 2 } else { 4 }, 30, Some("v1"));
+        s += &line(
+            m,
+            Some(12),
+            2.0,
+            Some("accuracy"),
+            task,
+            seed,
+            true,
+            s2,
+            u < 5,
+            if u < 10 { 2 } else { 4 },
+            30,
+            Some("v1"),
+        );
         s += &line(m, Some(12), 4.0, Some("accuracy"), task, seed, true, s4, false, 1, 40, Some("v1"));
     }
     // a --base-only run of another model: 5 episodes, 2 successes
@@ -152,7 +165,8 @@ fn known_counts_file(dir: &Path) -> PathBuf {
 }
 
 fn find<'a>(rows: &'a [HashMap<String, String>], conds: &[(&str, &str)]) -> &'a HashMap<String, String> {
-    let hits: Vec<_> = rows.iter().filter(|r| conds.iter().all(|(k, v)| r.get(*k).map(String::as_str) == Some(*v))).collect();
+    let hits: Vec<_> =
+        rows.iter().filter(|r| conds.iter().all(|(k, v)| r.get(*k).map(String::as_str) == Some(*v))).collect();
     assert_eq!(hits.len(), 1, "rows matching {conds:?}: {hits:?}");
     hits[0]
 }
@@ -207,7 +221,12 @@ fn table_numbers_match_hand_computed_values() {
     let order: Vec<(&str, &str)> = rows.iter().map(|r| (r["model"].as_str(), r["coeff"].as_str())).collect();
     assert_eq!(
         order,
-        vec![("/models/custom", "0.0"), ("qwen-coder-0.5b", "2.0"), ("qwen-coder-0.5b", "4.0"), ("smollm2-135m", "0.0")]
+        vec![
+            ("/models/custom", "0.0"),
+            ("qwen-coder-0.5b", "2.0"),
+            ("qwen-coder-0.5b", "4.0"),
+            ("smollm2-135m", "0.0")
+        ]
     );
 
     // per task: click-button b = 4, c = 0; enter-text b = 0, c = 8 (coeff 2)
@@ -291,10 +310,16 @@ fn malformed_lines_are_counted_with_line_numbers() {
     }
     let probs = read_csv(&out.join("problems.csv"));
     let got: Vec<(String, String)> = probs.iter().map(|r| (r["line"].clone(), r["kind"].clone())).collect();
-    let want: Vec<(String, String)> = [("3", "malformed JSON"), ("5", "missing field"), ("7", "wrong type"), ("8", "bad value"), ("9", "torn last line")]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let want: Vec<(String, String)> = [
+        ("3", "malformed JSON"),
+        ("5", "missing field"),
+        ("7", "wrong type"),
+        ("8", "bad value"),
+        ("9", "torn last line"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
     assert_eq!(got, want);
     // the good lines were kept: 1 paired unit (seed 1) and 1 baseline-only (seed 2)
     let rows = read_csv(&out.join("comparison.csv"));
@@ -332,7 +357,12 @@ fn incompatible_vector_hashes_are_reported_and_kept_apart() {
     assert_eq!((f(rb, "episodes"), f(rb, "steered_success"), f(rb, "delta")), (4.0, 0.0, 0.0));
     assert_eq!(read_csv(&out.join("conflicts.csv")).len(), 8);
     assert!(fs::read_to_string(out.join("comparison.md")).unwrap().contains("⚠ aaaa"));
-    assert_eq!(run(&[d.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-plots", "-q", "--strict"]).status.code(), Some(3));
+    assert_eq!(
+        run(&[d.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-plots", "-q", "--strict"])
+            .status
+            .code(),
+        Some(3)
+    );
 }
 
 #[test]
@@ -441,7 +471,17 @@ fn by_accepts_prompt_type_alias_and_rejects_unknown_columns() {
     let d = tmp();
     let results = known_counts_file(d.path());
     let out = d.path().join("out");
-    let o = run(&[results.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q", "--no-plots", "--by", "model,prompt_type", "--format", "csv"]);
+    let o = run(&[
+        results.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+        "--no-plots",
+        "--by",
+        "model,prompt_type",
+        "--format",
+        "csv",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = read_csv(&out.join("comparison.csv"));
     // coefficients pooled: 40 paired units for qwen-coder-0.5b
