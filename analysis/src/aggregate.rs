@@ -127,9 +127,10 @@ impl KeyCol {
     }
 }
 
-/// Shortest exact-looking form of a number (2, 0.5, -1.25).
+/// Shortest form of a number (2, 0.5, -1.25). A value that is exactly an f32 prints as that f32
+/// (a runner storing α as f32 writes 0.1 as 0.10000000149011612; this shows 0.1).
 pub fn fmt_num(x: f64) -> String {
-    let s = format!("{x}");
+    let s = if x.is_finite() && f64::from(x as f32) == x { format!("{}", x as f32) } else { format!("{x}") };
     if s == "-0" {
         "0".into()
     } else {
@@ -324,4 +325,28 @@ pub fn group_label(r: &Rows, by: &[KeyCol], g: &GroupStats) -> String {
         s.push("baseline-only".into());
     }
     s.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_print_short() {
+        assert_eq!(fmt_num(2.0), "2");
+        assert_eq!(fmt_num(-1.25), "-1.25");
+        assert_eq!(fmt_num(f64::from(0.1f32)), "0.1");
+        assert_eq!(fmt_num(0.1), "0.1");
+        assert_eq!(fmt_num(-0.0), "0");
+    }
+
+    #[test]
+    fn by_parsing() {
+        assert_eq!(
+            KeyCol::parse_list("model,prompt_type,layer,model").unwrap(),
+            vec![KeyCol::Model, KeyCol::PromptPair, KeyCol::Layer]
+        );
+        assert_eq!(KeyCol::parse("vector-method").unwrap(), KeyCol::VectorMethod);
+        assert!(KeyCol::parse("colour").is_err());
+    }
 }
