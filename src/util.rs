@@ -6,7 +6,11 @@ use std::path::Path;
 
 /// Writes tensors with string metadata to a safetensors file atomically (temp file, then
 /// rename), so an interrupted write never leaves a truncated file under the final name.
-pub fn save_safetensors(tensors: &HashMap<String, Tensor>, metadata: &HashMap<String, String>, path: &Path) -> Result<()> {
+pub fn save_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
     struct View {
         dtype: safetensors::Dtype,
         shape: Vec<usize>,
@@ -46,7 +50,8 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, metadata: &HashMap<St
     let refs: Vec<(&str, &View)> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
     safetensors::serialize_to_file(refs, Some(metadata.clone()), tmp.path())
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
@@ -56,6 +61,7 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, metadata: &HashMap<St
 /// Reads the string metadata of a safetensors file.
 pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }

@@ -169,7 +169,10 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         println!("(peer not run: no target/py venv; create it with scripts/goldens/venv.sh)");
     }
     if let Some(n) = ours_none {
-        println!("steering overhead is the ratio of the `steer` row to the `none` row (decode {:.1} tok/s without a hook)", n.decode);
+        println!(
+            "steering overhead is the ratio of the `steer` row to the `none` row (decode {:.1} tok/s without a hook)",
+            n.decode
+        );
     }
     Ok(())
 }

@@ -16,7 +16,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
         s if s.starts_with("cuda") => {
-            let n: usize = s.strip_prefix("cuda").and_then(|r| r.strip_prefix(':')).unwrap_or("0").parse()
+            let n: usize = s
+                .strip_prefix("cuda")
+                .and_then(|r| r.strip_prefix(':'))
+                .unwrap_or("0")
+                .parse()
                 .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
             Device::new_cuda(n).with_context(|| format!("--device {s}: this binary has no CUDA support or no GPU {n} is visible (build with --features cuda)"))
         }
@@ -174,7 +178,11 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompts = vec![ids.clone(); coeffs.len()];
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,
-        sampling: if a.temperature > 0.0 { Sampling::Sample { temperature: a.temperature, top_p: a.top_p } } else { Sampling::Greedy },
+        sampling: if a.temperature > 0.0 {
+            Sampling::Sample { temperature: a.temperature, top_p: a.top_p }
+        } else {
+            Sampling::Greedy
+        },
         seed: a.seed,
         stop_ids: m.tokenizer.stop_token_ids(),
         pad_id: m.tokenizer.pad_token_id().unwrap_or(0),
@@ -241,10 +249,12 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
             continue;
         }
         if line.trim_start().starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            let t = v.get("text").or_else(|| v.get("prompt")).and_then(|t| t.as_str()).with_context(|| {
-                format!("{}:{}: JSON line without a string field `text`", path.display(), i + 1)
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let t =
+                v.get("text").or_else(|| v.get("prompt")).and_then(|t| t.as_str()).with_context(|| {
+                    format!("{}:{}: JSON line without a string field `text`", path.display(), i + 1)
+                })?;
             out.push(t.to_string());
         } else {
             out.push(line.to_string());
@@ -286,7 +296,10 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     out.insert("logits_last".into(), logits);
     let (ids_t, _) = generate::left_pad(&ids, pad_id, &Device::Cpu)?;
     out.insert("input_ids".into(), ids_t.to_dtype(DType::I64)?);
-    out.insert("left_pad".into(), Tensor::from_vec(pads.iter().map(|&p| p as i64).collect::<Vec<_>>(), pads.len(), &Device::Cpu)?);
+    out.insert(
+        "left_pad".into(),
+        Tensor::from_vec(pads.iter().map(|&p| p as i64).collect::<Vec<_>>(), pads.len(), &Device::Cpu)?,
+    );
     let meta: HashMap<String, String> = [
         ("model", m.info.name.clone()),
         ("checkpoint", m.info.checkpoint.clone()),

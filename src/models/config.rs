@@ -44,7 +44,9 @@ pub enum RopeScaling {
         original_max_position_embeddings: f64,
     },
     /// Plain position interpolation (`rope_type: linear`).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Per-frequency divisors, as llama.cpp stores Llama-3 scaling (`rope_freqs.weight`).
     FreqFactors(Vec<f64>),
 }
@@ -89,27 +91,28 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 
 fn req_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
     match get(v, key) {
-        Some(x) => x.as_u64().map(|n| n as usize).with_context(|| {
-            format!("{file}: field `{key}` must be a non-negative integer, found {x}")
-        }),
+        Some(x) => x
+            .as_u64()
+            .map(|n| n as usize)
+            .with_context(|| format!("{file}: field `{key}` must be a non-negative integer, found {x}")),
         None => bail!("{file}: missing field `{key}`"),
     }
 }
 
 fn opt_usize(v: &Value, key: &str, file: &str) -> Result<Option<usize>> {
     match get(v, key) {
-        Some(x) => Ok(Some(x.as_u64().map(|n| n as usize).with_context(|| {
-            format!("{file}: field `{key}` must be a non-negative integer, found {x}")
-        })?)),
+        Some(x) => Ok(Some(
+            x.as_u64()
+                .map(|n| n as usize)
+                .with_context(|| format!("{file}: field `{key}` must be a non-negative integer, found {x}"))?,
+        )),
         None => Ok(None),
     }
 }
 
 fn opt_f64(v: &Value, key: &str, file: &str) -> Result<Option<f64>> {
     match get(v, key) {
-        Some(x) => Ok(Some(x.as_f64().with_context(|| {
-            format!("{file}: field `{key}` must be a number, found {x}")
-        })?)),
+        Some(x) => Ok(Some(x.as_f64().with_context(|| format!("{file}: field `{key}` must be a number, found {x}"))?)),
         None => Ok(None),
     }
 }
@@ -124,20 +127,15 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 
 impl DecoderConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading model config {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_json(&v, &path.display().to_string())
     }
 
     /// Parses a transformers config. Multimodal checkpoints keep the decoder's fields under
     /// `text_config`; top-level fields are used where `text_config` lacks them.
     pub fn from_json(root: &Value, file: &str) -> Result<Self> {
-        let arch = get(root, "architectures")
-            .and_then(|a| a.get(0))
-            .and_then(|a| a.as_str())
-            .unwrap_or("");
+        let arch = get(root, "architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).unwrap_or("");
         let model_type = get(root, "model_type").and_then(|m| m.as_str()).unwrap_or("");
         // Merge: text_config overrides the top level.
         let mut v = root.clone();
@@ -167,7 +165,9 @@ impl DecoderConfig {
         let head_dim = opt_usize(&v, "head_dim", file)?.unwrap_or(hidden_size / num_heads);
         let num_layers = req_usize(&v, "num_hidden_layers", file)?;
         if num_heads % num_kv_heads != 0 {
-            bail!("{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})");
+            bail!(
+                "{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            );
         }
         // transformers 5 moved rope settings into `rope_parameters`.
         let rope = get(&v, "rope_parameters").or_else(|| get(&v, "rope_scaling"));
@@ -193,14 +193,14 @@ impl DecoderConfig {
                     "linear" => RopeScaling::Linear {
                         factor: opt_f64(r, "factor", file)?.context("rope linear: missing `factor`")?,
                     },
-                    other => bail!("{file}: rope scaling type `{other}` is not supported (supported: default, llama3, linear)"),
+                    other => bail!(
+                        "{file}: rope scaling type `{other}` is not supported (supported: default, llama3, linear)"
+                    ),
                 }
             }
         };
-        let act = get(&v, "hidden_activation")
-            .or_else(|| get(&v, "hidden_act"))
-            .and_then(|a| a.as_str())
-            .unwrap_or("silu");
+        let act =
+            get(&v, "hidden_activation").or_else(|| get(&v, "hidden_act")).and_then(|a| a.as_str()).unwrap_or("silu");
         let activation = match act {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
@@ -217,7 +217,10 @@ impl DecoderConfig {
         let sliding_layers: Vec<bool> = match get(&v, "layer_types").and_then(|l| l.as_array()) {
             Some(types) if use_sliding || family == Family::Gemma2 => {
                 if types.len() != num_layers {
-                    bail!("{file}: `layer_types` has {} entries, expected num_hidden_layers = {num_layers}", types.len());
+                    bail!(
+                        "{file}: `layer_types` has {} entries, expected num_hidden_layers = {num_layers}",
+                        types.len()
+                    );
                 }
                 types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
             }
@@ -252,9 +255,21 @@ impl DecoderConfig {
             },
             embed_scale: if is_gemma { Some((hidden_size as f64).sqrt()) } else { None },
             tie_word_embeddings: get(&v, "tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(is_gemma),
-            attn_logit_softcap: if family == Family::Gemma2 { opt_f64(&v, "attn_logit_softcapping", file)? } else { None },
-            final_logit_softcap: if family == Family::Gemma2 { opt_f64(&v, "final_logit_softcapping", file)? } else { None },
-            query_pre_attn_scalar: if family == Family::Gemma2 { opt_f64(&v, "query_pre_attn_scalar", file)? } else { None },
+            attn_logit_softcap: if family == Family::Gemma2 {
+                opt_f64(&v, "attn_logit_softcapping", file)?
+            } else {
+                None
+            },
+            final_logit_softcap: if family == Family::Gemma2 {
+                opt_f64(&v, "final_logit_softcapping", file)?
+            } else {
+                None
+            },
+            query_pre_attn_scalar: if family == Family::Gemma2 {
+                opt_f64(&v, "query_pre_attn_scalar", file)?
+            } else {
+                None
+            },
             sliding_window,
             sliding_layers,
             post_norms: family == Family::Gemma2,

@@ -53,13 +53,7 @@ impl State {
     /// A state whose row `i` is a copy of this state's row `rows[i]`: prefill a shared prefix
     /// once, then fork it into the rows that differ only after it.
     pub fn select_rows(&self, rows: &[usize]) -> Result<State> {
-        let dev = self
-            .kv
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-            .unwrap_or(Device::Cpu);
+        let dev = self.kv.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
         let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
         let kv = self
             .kv
@@ -87,9 +81,7 @@ pub struct Decoder {
 fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
     let d = cfg.head_dim;
     // Same arithmetic as transformers: exponent in f32, power, then llama3 adjustments.
-    let mut f: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 as f64 / d as f64))
-        .collect();
+    let mut f: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 as f64 / d as f64)).collect();
     match &cfg.rope_scaling {
         RopeScaling::None => {}
         RopeScaling::Linear { factor } => f.iter_mut().for_each(|x| *x /= factor),
@@ -120,7 +112,7 @@ fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
 fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // Computed in f32 like transformers, whatever the activation dtype.
     let dt = xs.dtype();
-    let x = xs.to_dtype(DType::F32)?;
+    let x = xs.to_dtype(DType::F32)?.contiguous()?;
     Ok(candle_nn::ops::rms_norm(&x, w, eps as f32)?.to_dtype(dt)?)
 }
 
@@ -186,16 +178,7 @@ impl Decoder {
             w.linear(Name::LmHead, cfg.vocab_size, h)?
         };
         let embed = embed.to_dtype(dtype)?;
-        Ok(Self {
-            inv_freq: inv_freq(&cfg)?,
-            cfg,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-            device: w.device.clone(),
-            dtype,
-        })
+        Ok(Self { inv_freq: inv_freq(&cfg)?, cfg, embed, layers, final_norm, lm_head, device: w.device.clone(), dtype })
     }
 
     pub fn device(&self) -> &Device {

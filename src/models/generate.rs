@@ -9,7 +9,10 @@ use rand::{Rng, SeedableRng};
 pub enum Sampling {
     Greedy,
     /// Temperature sampling with optional nucleus (top-p) truncation.
-    Sample { temperature: f64, top_p: f64 },
+    Sample {
+        temperature: f64,
+        top_p: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -166,7 +169,12 @@ pub fn continue_generation(
 
 /// One prefill over a batch, returning the last-position logits `[batch, vocab]` and what the
 /// spec captured. Used for activation extraction and prompt-based vectors.
-pub fn prefill(model: &Decoder, prompts: &[Vec<u32>], pad_id: u32, spec: &HookSpec) -> Result<(Tensor, Captures, Vec<usize>)> {
+pub fn prefill(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    spec: &HookSpec,
+) -> Result<(Tensor, Captures, Vec<usize>)> {
     for p in prompts {
         model.check_ids(p)?;
     }

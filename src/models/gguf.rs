@@ -55,7 +55,8 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     let hidden_size = req("embedding_length")?;
     let num_heads = req("attention.head_count")?;
     let num_kv_heads = meta_u64(c, &format!("{arch}.attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads);
-    let head_dim = meta_u64(c, &format!("{arch}.attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
+    let head_dim =
+        meta_u64(c, &format!("{arch}.attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
     let num_layers = req("block_count")?;
     let vocab_size = match c.tensor_infos.get("token_embd.weight") {
         Some(info) => info.shape.dims()[0],
@@ -65,7 +66,8 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     // Llama-3 GGUFs carry RoPE scaling as a `rope_freqs.weight` tensor instead of metadata.
     let rope_scaling = if c.tensor_infos.contains_key("rope_freqs.weight") {
         let mut f = std::fs::File::open(path)?;
-        let t = c.tensor(&mut f, "rope_freqs.weight", &candle_core::Device::Cpu)?.dequantize(&candle_core::Device::Cpu)?;
+        let t =
+            c.tensor(&mut f, "rope_freqs.weight", &candle_core::Device::Cpu)?.dequantize(&candle_core::Device::Cpu)?;
         RopeScaling::FreqFactors(t.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect())
     } else {
         RopeScaling::None

@@ -1,10 +1,10 @@
 //! Loading a model (decoder + tokenizer) from an alias, a transformers directory or a GGUF file.
 use super::config::{DecoderConfig, Family};
 use super::decoder::Decoder;
+use super::gguf;
 use super::registry::{self, Location, Resolved};
 use super::tokenizer::Tokenizer;
 use super::weights::{fingerprint, WeightDType, Weights};
-use super::gguf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use std::path::Path;
@@ -77,7 +77,8 @@ impl LoadedModel {
         let (decoder, weights, tokenizer) = match &r.location {
             Location::Dir(dir) => {
                 let (d, w) = decoder_from_dir(dir, device, dtype)?;
-                let t = Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+                let t =
+                    Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
                 (d, w, t)
             }
             Location::Gguf(path) => {

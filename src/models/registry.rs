@@ -34,7 +34,8 @@ impl Entry {
     }
 }
 
-pub const DEFAULT_MODEL: &str = "smollm2-135m";
+/// The embedded default (DESIGN.md §3): the smallest model that shows a steering effect on exp12.
+pub const DEFAULT_MODEL: &str = "qwen-coder-0.5b";
 
 pub const REGISTRY: &[Entry] = &[
     Entry {
@@ -44,7 +45,11 @@ pub const REGISTRY: &[Entry] = &[
         params: "0.5B",
         layers: 24,
         modality: Modality::Text,
-        source: Source::Local { dir: "qwen-coder-0.5b", file: "qwen2.5-coder-0.5b-instruct.gguf", setup: "./scripts/setup.sh" },
+        source: Source::Local {
+            dir: "qwen-coder-0.5b",
+            file: "qwen2.5-coder-0.5b-instruct.gguf",
+            setup: "./scripts/setup.sh",
+        },
     },
     Entry {
         alias: "qwen-coder-1.5b",
@@ -66,16 +71,84 @@ pub const REGISTRY: &[Entry] = &[
         params: "135M",
         layers: 30,
         modality: Modality::Text,
-        source: Source::Local { dir: "smollm2-135m", file: "SmolLM2-135M-Instruct.Q4_1.gguf", setup: "./scripts/setup.sh" },
+        source: Source::Local {
+            dir: "smollm2-135m",
+            file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+            setup: "./scripts/setup.sh",
+        },
     },
-    Entry { alias: "qwen-0.5b", checkpoint: "Qwen/Qwen2.5-0.5B-Instruct", family: "qwen2", params: "0.5B", layers: 24, modality: Modality::Text, source: Source::Hub { repo: "Qwen/Qwen2.5-0.5B-Instruct" } },
-    Entry { alias: "qwen-1.5b", checkpoint: "Qwen/Qwen2.5-1.5B-Instruct", family: "qwen2", params: "1.5B", layers: 28, modality: Modality::Text, source: Source::Hub { repo: "Qwen/Qwen2.5-1.5B-Instruct" } },
-    Entry { alias: "llama-1b", checkpoint: "meta-llama/Llama-3.2-1B-Instruct", family: "llama", params: "1B", layers: 16, modality: Modality::Text, source: Source::Hub { repo: "meta-llama/Llama-3.2-1B-Instruct" } },
-    Entry { alias: "llama-3b", checkpoint: "meta-llama/Llama-3.2-3B-Instruct", family: "llama", params: "3B", layers: 28, modality: Modality::Text, source: Source::Hub { repo: "meta-llama/Llama-3.2-3B-Instruct" } },
-    Entry { alias: "gemma-2b", checkpoint: "google/gemma-2-2b-it", family: "gemma2", params: "2B", layers: 26, modality: Modality::Text, source: Source::Hub { repo: "google/gemma-2-2b-it" } },
-    Entry { alias: "smollm-1.7b", checkpoint: "HuggingFaceTB/SmolLM2-1.7B-Instruct", family: "llama", params: "1.7B", layers: 24, modality: Modality::Text, source: Source::Hub { repo: "HuggingFaceTB/SmolLM2-1.7B-Instruct" } },
-    Entry { alias: "phi-3.8b", checkpoint: "microsoft/Phi-3.5-mini-instruct", family: "phi3", params: "3.8B", layers: 32, modality: Modality::Text, source: Source::Hub { repo: "microsoft/Phi-3.5-mini-instruct" } },
-    Entry { alias: "qwen-vl-2b", checkpoint: "Qwen/Qwen2-VL-2B-Instruct", family: "qwen2-vl", params: "2B", layers: 28, modality: Modality::Vision, source: Source::Hub { repo: "Qwen/Qwen2-VL-2B-Instruct" } },
+    Entry {
+        alias: "qwen-0.5b",
+        checkpoint: "Qwen/Qwen2.5-0.5B-Instruct",
+        family: "qwen2",
+        params: "0.5B",
+        layers: 24,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "Qwen/Qwen2.5-0.5B-Instruct" },
+    },
+    Entry {
+        alias: "qwen-1.5b",
+        checkpoint: "Qwen/Qwen2.5-1.5B-Instruct",
+        family: "qwen2",
+        params: "1.5B",
+        layers: 28,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "Qwen/Qwen2.5-1.5B-Instruct" },
+    },
+    Entry {
+        alias: "llama-1b",
+        checkpoint: "meta-llama/Llama-3.2-1B-Instruct",
+        family: "llama",
+        params: "1B",
+        layers: 16,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "meta-llama/Llama-3.2-1B-Instruct" },
+    },
+    Entry {
+        alias: "llama-3b",
+        checkpoint: "meta-llama/Llama-3.2-3B-Instruct",
+        family: "llama",
+        params: "3B",
+        layers: 28,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "meta-llama/Llama-3.2-3B-Instruct" },
+    },
+    Entry {
+        alias: "gemma-2b",
+        checkpoint: "google/gemma-2-2b-it",
+        family: "gemma2",
+        params: "2B",
+        layers: 26,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "google/gemma-2-2b-it" },
+    },
+    Entry {
+        alias: "smollm-1.7b",
+        checkpoint: "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        family: "llama",
+        params: "1.7B",
+        layers: 24,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "HuggingFaceTB/SmolLM2-1.7B-Instruct" },
+    },
+    Entry {
+        alias: "phi-3.8b",
+        checkpoint: "microsoft/Phi-3.5-mini-instruct",
+        family: "phi3",
+        params: "3.8B",
+        layers: 32,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "microsoft/Phi-3.5-mini-instruct" },
+    },
+    Entry {
+        alias: "qwen-vl-2b",
+        checkpoint: "Qwen/Qwen2-VL-2B-Instruct",
+        family: "qwen2-vl",
+        params: "2B",
+        layers: 28,
+        modality: Modality::Vision,
+        source: Source::Hub { repo: "Qwen/Qwen2-VL-2B-Instruct" },
+    },
 ];
 
 pub fn lookup(alias: &str) -> Option<&'static Entry> {
@@ -159,7 +232,12 @@ pub fn resolve(spec: &str) -> Result<Resolved> {
             Location::Dir(config.parent().context("cache path has no parent")?.to_path_buf())
         }
     };
-    Ok(Resolved { name: entry.alias.to_string(), checkpoint: entry.checkpoint.to_string(), location, entry: Some(entry) })
+    Ok(Resolved {
+        name: entry.alias.to_string(),
+        checkpoint: entry.checkpoint.to_string(),
+        location,
+        entry: Some(entry),
+    })
 }
 
 /// Parses `--layer auto|N` against a model's depth.

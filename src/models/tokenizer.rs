@@ -36,7 +36,8 @@ pub struct Tokenizer {
 }
 
 // Pre-tokenizer regexes as llama.cpp and transformers use them for each `tokenizer.ggml.pre`.
-const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_RE: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn split_then_bytes(re: &str) -> Result<PreTokenizerWrapper> {
@@ -112,7 +113,9 @@ impl Tokenizer {
             bail!("GGUF tokenizer.ggml.model `{model}` is not supported (only gpt2-style byte-level BPE)");
         }
         let tokens: Vec<String> = match c.metadata.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(a)) => a.iter().map(|v| v.to_string().cloned().map_err(anyhow::Error::from)).collect::<Result<_>>()?,
+            Some(Value::Array(a)) => {
+                a.iter().map(|v| v.to_string().cloned().map_err(anyhow::Error::from)).collect::<Result<_>>()?
+            }
             _ => bail!("GGUF: missing string array `tokenizer.ggml.tokens`"),
         };
         let merges: Vec<(String, String)> = match c.metadata.get("tokenizer.ggml.merges") {
@@ -120,9 +123,9 @@ impl Tokenizer {
                 .iter()
                 .map(|v| {
                     let s = v.to_string()?;
-                    s.split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .with_context(|| format!("GGUF: malformed merge `{s}` (expected two tokens separated by a space)"))
+                    s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).with_context(|| {
+                        format!("GGUF: malformed merge `{s}` (expected two tokens separated by a space)")
+                    })
                 })
                 .collect::<Result<_>>()?,
             _ => bail!("GGUF: missing string array `tokenizer.ggml.merges`"),
@@ -131,7 +134,8 @@ impl Tokenizer {
             Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: ahash::AHashMap<String, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -139,6 +143,12 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let pre = crate::models::gguf::meta_str(c, "tokenizer.ggml.pre").unwrap_or("default");
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
+        if pre == "qwen2" {
+            // Qwen2's published tokenizer NFC-normalises; the GGUF metadata does not say so.
+            inner
+                .with_normalizer(Some(tokenizers::normalizers::unicode::NFC))
+                .map_err(|e| anyhow::anyhow!("GGUF: setting the NFC normalizer: {e}"))?;
+        }
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         // Control tokens (type 3) are special; user-defined ones (type 4) are matched verbatim.
         let specials: Vec<AddedToken> = tokens

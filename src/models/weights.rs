@@ -201,10 +201,7 @@ fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!(
-            "{}: no *.safetensors files (looked for model.safetensors.index.json and *.safetensors)",
-            dir.display()
-        );
+        bail!("{}: no *.safetensors files (looked for model.safetensors.index.json and *.safetensors)", dir.display());
     }
     Ok(files)
 }
@@ -346,7 +343,11 @@ impl Weights {
                 } else {
                     // Re-upload the raw blocks to the target device.
                     let data = q.data()?.into_owned();
-                    let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), &self.device, q.dtype())?;
+                    let storage = candle_core::quantized::QStorage::from_data(
+                        std::borrow::Cow::Owned(data),
+                        &self.device,
+                        q.dtype(),
+                    )?;
                     QTensor::new(storage, q.shape().clone())?
                 };
                 Ok(Linear::Quant(QMatMul::from_arc(Arc::new(q))?))
@@ -377,7 +378,11 @@ impl Weights {
         let row_bytes = row_elems / dtype.block_size() * dtype.type_size();
         let data = q.data()?;
         if data.len() != rows * row_bytes {
-            bail!("{}: unexpected byte size {} for {rows} rows of {row_bytes} bytes", self.display_name(name), data.len());
+            bail!(
+                "{}: unexpected byte size {} for {rows} rows of {row_bytes} bytes",
+                self.display_name(name),
+                data.len()
+            );
         }
         let hd = rows / heads;
         let half = hd / 2;
@@ -412,16 +417,17 @@ impl Weights {
     pub fn shape_of(&self, name: Name) -> Option<Vec<usize>> {
         match &self.source {
             Source::Safetensors { st, prefix, .. } => st.get(&name.hf(prefix)).ok().map(|v| v.shape().to_vec()),
-            Source::Gguf { content, post_norms, .. } => content
-                .tensor_infos
-                .get(&name.gguf(*post_norms))
-                .map(|i| i.shape.dims().to_vec()),
+            Source::Gguf { content, post_norms, .. } => {
+                content.tensor_infos.get(&name.gguf(*post_norms)).map(|i| i.shape.dims().to_vec())
+            }
         }
     }
 
     pub fn gguf_dtype_of(&self, name: Name) -> Option<GgmlDType> {
         match &self.source {
-            Source::Gguf { content, post_norms, .. } => content.tensor_infos.get(&name.gguf(*post_norms)).map(|i| i.ggml_dtype),
+            Source::Gguf { content, post_norms, .. } => {
+                content.tensor_infos.get(&name.gguf(*post_norms)).map(|i| i.ggml_dtype)
+            }
             _ => None,
         }
     }

@@ -57,13 +57,23 @@ pub fn pair_prompts(model: &LoadedModel, bases: &[String], pair: &PromptPair) ->
 
 fn progress(n: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(n);
-    pb.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}").unwrap().progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     pb.set_message(what.to_string());
     pb
 }
 
 /// Last-position hidden states `[rows, hidden]` per layer for a list of prompts, batched.
-fn last_states(model: &LoadedModel, prompts: &[Vec<u32>], layers: &[usize], batch: usize, pb: &ProgressBar) -> Result<BTreeMap<usize, Vec<Tensor>>> {
+fn last_states(
+    model: &LoadedModel,
+    prompts: &[Vec<u32>],
+    layers: &[usize],
+    batch: usize,
+    pb: &ProgressBar,
+) -> Result<BTreeMap<usize, Vec<Tensor>>> {
     let mut spec = HookSpec::none();
     for &l in layers {
         spec = spec.capture(HookPoint::ResidPost(l));
@@ -134,7 +144,12 @@ pub fn first_pc(diffs: &[Vec<f32>]) -> Result<Vec<f32>> {
 }
 
 /// Computes a steering vector from tokenized (positive, negative) prompt pairs.
-pub fn compute(model: &LoadedModel, pairs: &[(Vec<u32>, Vec<u32>)], pair_name: &str, opts: &CaaOptions) -> Result<SteeringVector> {
+pub fn compute(
+    model: &LoadedModel,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    pair_name: &str,
+    opts: &CaaOptions,
+) -> Result<SteeringVector> {
     if pairs.is_empty() {
         bail!("no training prompts");
     }
@@ -177,7 +192,8 @@ pub fn compute(model: &LoadedModel, pairs: &[(Vec<u32>, Vec<u32>)], pair_name: &
             diffs.push((p - n)?.to_vec1::<f32>()?);
         }
         mean_resid_norm.insert(l, (norm_sum / (2 * pairs.len()) as f64) as f32);
-        let mean: Vec<f32> = (0..h).map(|k| diffs.iter().map(|d| d[k] as f64).sum::<f64>() as f32 / pairs.len() as f32).collect();
+        let mean: Vec<f32> =
+            (0..h).map(|k| diffs.iter().map(|d| d[k] as f64).sum::<f64>() as f32 / pairs.len() as f32).collect();
         let mean_t = Tensor::from_vec(mean, h, &Device::Cpu)?;
         let (dir, n) = match opts.method {
             Method::Pca => {
@@ -219,12 +235,20 @@ pub enum CoeffMode {
 }
 
 /// A hook spec adding `vector`'s direction at `layer` with one coefficient per batch row.
-pub fn steering_spec(v: &SteeringVector, layer: usize, coeffs: &[f32], mode: CoeffMode, positions: Positions) -> Result<HookSpec> {
+pub fn steering_spec(
+    v: &SteeringVector,
+    layer: usize,
+    coeffs: &[f32],
+    mode: CoeffMode,
+    positions: Positions,
+) -> Result<HookSpec> {
     let dir = v.layer(layer)?.clone();
     let scale = match mode {
         CoeffMode::Absolute => 1.0,
         CoeffMode::Relative => *v.meta.mean_resid_norm.get(&layer).ok_or_else(|| {
-            anyhow::anyhow!("--coeff-mode relative needs the mean residual norm at layer {layer}, which this vector file lacks")
+            anyhow::anyhow!(
+                "--coeff-mode relative needs the mean residual norm at layer {layer}, which this vector file lacks"
+            )
         })?,
     };
     let coeffs = coeffs.iter().map(|c| c * scale).collect();

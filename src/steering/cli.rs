@@ -83,7 +83,8 @@ pub fn parse_texts(text: &str, origin: &str) -> Result<Vec<String>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{origin}:{}: invalid JSON", i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{origin}:{}: invalid JSON", i + 1))?;
         let t = v
             .get("text")
             .and_then(|t| t.as_str())
@@ -120,7 +121,10 @@ fn compute(a: ComputeArgs) -> Result<()> {
     let all = pairs::load(a.pairs.as_deref())?;
     let pair = pairs::find(&all, &a.pair)?.clone();
     let mut texts = match &a.texts {
-        Some(p) => parse_texts(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, &p.display().to_string())?,
+        Some(p) => parse_texts(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            &p.display().to_string(),
+        )?,
         None => parse_texts(DEFAULT_TEXTS, "experiments/caa_texts.jsonl")?,
     };
     if let Some(n) = a.train_steps {
@@ -141,7 +145,14 @@ fn compute(a: ComputeArgs) -> Result<()> {
     }
     let v = if vs.len() == 1 { vs.pop().unwrap() } else { SteeringVector::combine(&vs, &pair.name)? };
     v.save(&out)?;
-    eprintln!("wrote {} (pair {}, method {}, layers {:?}, {} samples)", out.display(), pair.name, v.meta.method, v.layers.keys().collect::<Vec<_>>(), v.meta.samples);
+    eprintln!(
+        "wrote {} (pair {}, method {}, layers {:?}, {} samples)",
+        out.display(),
+        pair.name,
+        v.meta.method,
+        v.layers.keys().collect::<Vec<_>>(),
+        v.meta.samples
+    );
     if let Some(g) = &a.export_gguf {
         v.export_gguf(g, &m.decoder.cfg.family.name().replace("gemma2", "gemma2"))?;
         eprintln!("wrote {}", g.display());

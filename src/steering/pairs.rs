@@ -31,7 +31,10 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<PromptPair>> {
             (None, None, Some(c)) if !c.is_empty() => {
                 for m in c {
                     if !f.pair.iter().any(|q| &q.name == m && q.combine.is_none()) {
-                        bail!("{origin}: composite pair `{}` names `{m}`, which is not a plain pair in the file", p.name);
+                        bail!(
+                            "{origin}: composite pair `{}` names `{m}`, which is not a plain pair in the file",
+                            p.name
+                        );
                     }
                 }
             }
@@ -61,7 +64,10 @@ pub fn load(extra: Option<&Path>) -> Result<Vec<PromptPair>> {
 
 pub fn find<'a>(pairs: &'a [PromptPair], name: &str) -> Result<&'a PromptPair> {
     pairs.iter().find(|p| p.name == name).with_context(|| {
-        format!("unknown prompt pair `{name}`; known: {}", pairs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
+        format!(
+            "unknown prompt pair `{name}`; known: {}",
+            pairs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        )
     })
 }
 

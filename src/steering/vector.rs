@@ -94,8 +94,10 @@ impl SteeringVector {
                 path.display()
             ),
         }
-        let meta: VectorMeta = serde_json::from_str(md.get("meta").with_context(|| format!("{}: missing `meta` metadata", path.display()))?)
-            .with_context(|| format!("{}: malformed `meta` metadata", path.display()))?;
+        let meta: VectorMeta = serde_json::from_str(
+            md.get("meta").with_context(|| format!("{}: missing `meta` metadata", path.display()))?,
+        )
+        .with_context(|| format!("{}: malformed `meta` metadata", path.display()))?;
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
         let mut layers = BTreeMap::new();
         for (name, t) in tensors {
@@ -104,10 +106,19 @@ impl SteeringVector {
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("{}: unexpected tensor `{name}` (expected layer.N)", path.display()))?;
             if t.dims() != [meta.hidden_size] {
-                bail!("{}: tensor `{name}` has shape {:?}, expected [{}] (hidden_size in its metadata)", path.display(), t.dims(), meta.hidden_size);
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, expected [{}] (hidden_size in its metadata)",
+                    path.display(),
+                    t.dims(),
+                    meta.hidden_size
+                );
             }
             if l >= meta.num_layers {
-                bail!("{}: tensor `{name}` is for layer {l} but the model has {} layers", path.display(), meta.num_layers);
+                bail!(
+                    "{}: tensor `{name}` is for layer {l} but the model has {} layers",
+                    path.display(),
+                    meta.num_layers
+                );
             }
             layers.insert(l, t.to_dtype(DType::F32)?);
         }
@@ -177,7 +188,9 @@ impl SteeringVector {
     /// Writes a llama.cpp control vector. llama.cpp cannot steer layer 0, so it is refused.
     pub fn export_gguf(&self, path: &Path, arch: &str) -> Result<()> {
         if self.layers.contains_key(&0) {
-            bail!("layer 0 cannot be exported: llama.cpp control vectors start at direction.1 (pick --layer 1 or higher)");
+            bail!(
+                "layer 0 cannot be exported: llama.cpp control vectors start at direction.1 (pick --layer 1 or higher)"
+            );
         }
         let mut qt = Vec::new();
         for (l, t) in &self.layers {
@@ -186,7 +199,11 @@ impl SteeringVector {
         let arch_v = gguf_file::Value::String("controlvector".into());
         let hint = gguf_file::Value::String(arch.into());
         let count = gguf_file::Value::U32(self.layers.len() as u32);
-        let meta = [("general.architecture", &arch_v), ("controlvector.model_hint", &hint), ("controlvector.layer_count", &count)];
+        let meta = [
+            ("general.architecture", &arch_v),
+            ("controlvector.model_hint", &hint),
+            ("controlvector.layer_count", &count),
+        ];
         let tensors: Vec<(&str, &QTensor)> = qt.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
@@ -217,7 +234,10 @@ impl SteeringVector {
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("{}: unexpected tensor `{name}` (expected direction.N)", path.display()))?;
             if l == 0 {
-                bail!("{}: tensor `direction.0` is invalid: llama.cpp control vectors start at layer 1", path.display());
+                bail!(
+                    "{}: tensor `direction.0` is invalid: llama.cpp control vectors start at layer 1",
+                    path.display()
+                );
             }
             if l >= info.num_layers {
                 bail!("{}: `{name}` is for layer {l} but {} has {} layers", path.display(), info.name, info.num_layers);
