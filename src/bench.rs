@@ -11,11 +11,13 @@ pub struct BenchArgs {
 pub enum BenchWhich {
     /// Prefill/decode tokens/s with and without steering hooks, beside the transformers peer.
     Decode(crate::models::bench::BenchDecodeArgs),
-    // Env(...) is added by the environment module.
+    /// MiniWoB episodes/s (reset + observe + click + reward) with 1 and 2 browser sessions.
+    Env(crate::env::bench::BenchEnvArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.which {
         BenchWhich::Decode(d) => crate::models::bench::run(d),
+        BenchWhich::Env(e) => crate::env::bench::run(e),
     }
 }

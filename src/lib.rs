@@ -1,6 +1,7 @@
 //! miniwob-steer: activation-steering experiments on language and vision-language models
 //! acting as MiniWoB++ web agents. See DESIGN.md for the architecture.
 pub mod bench;
+pub mod env;
 pub mod models;
 pub mod steering;
 pub mod util;

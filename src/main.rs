@@ -22,6 +22,12 @@ enum Command {
     Vector(steering::cli::VectorArgs),
     /// Speed benchmarks.
     Bench(bench::BenchArgs),
+    /// List the MiniWoB tasks (marks the exp12 set and the tasks that need several actions).
+    Tasks(miniwob_steer::env::cli::TasksArgs),
+    /// Reset a task with a seed and print the observation as JSON (optionally a screenshot).
+    Observe(miniwob_steer::env::cli::ObserveArgs),
+    /// Reset a task, run actions in order and print a StepResult per action.
+    Play(miniwob_steer::env::cli::PlayArgs),
 }
 
 fn main() -> Result<()> {
@@ -36,5 +42,8 @@ fn main() -> Result<()> {
         Command::Extract(a) => models::cli::run_extract(a),
         Command::Vector(a) => steering::cli::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tasks(a) => miniwob_steer::env::cli::run_tasks(a),
+        Command::Observe(a) => miniwob_steer::env::cli::run_observe(a),
+        Command::Play(a) => miniwob_steer::env::cli::run_play(a),
     }
 }

@@ -1,0 +1,716 @@
+//! One browser session running MiniWoB episodes: `reset(task, seed)`, `observe()`, `act(action)`.
+//!
+//! Everything the model produces reaches the page only as WebDriver script *arguments* or as
+//! WebDriver key input, never as JavaScript source: the scripts below are constants.
+use super::action::{parse_key_chord, Action};
+use super::browser::{Browser, BrowserConfig};
+use super::server::TaskServer;
+use super::{html_root, tasks, EnvError};
+use fantoccini::actions::{InputSource, KeyAction, KeyActions, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
+use fantoccini::error::CmdError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest seed that is exactly a JS number (2^53 − 1).
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+/// Settings of a session.
+#[derive(Debug, Clone)]
+pub struct EnvConfig {
+    pub browser: BrowserConfig,
+    /// `core.EPISODE_MAX_TIME` in ms, set at every reset (the page's own default is 10 s).
+    pub episode_max_time_ms: u64,
+    /// `core.setDataMode` (`train` as in the Python gym).
+    pub data_mode: String,
+    /// Upper bound for one WebDriver call; past it the browser is declared dead.
+    pub call_timeout: Duration,
+}
+
+impl Default for EnvConfig {
+    fn default() -> Self {
+        EnvConfig {
+            browser: BrowserConfig::default(),
+            episode_max_time_ms: 60_000,
+            data_mode: "train".into(),
+            call_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One element of `core.getDOMInfo()`, flattened in document (pre-)order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Element {
+    /// Episode-local id the actions use. Elements count up from 1; text fragments of mixed
+    /// content (`tag == "t"`) count down from −1 and can only be clicked.
+    #[serde(rename = "ref")]
+    pub r#ref: i64,
+    /// Ref of the enclosing element (None for `<body>`).
+    pub parent: Option<i64>,
+    pub depth: u32,
+    /// Upper-case tag; inputs are `INPUT_<type>` (`INPUT_text`, `INPUT_checkbox`, ...).
+    pub tag: String,
+    /// Own text when the element holds only text (empty otherwise).
+    pub text: String,
+    /// Value of text-like inputs and textareas; the selected option's text for `<select>`.
+    pub value: Option<String>,
+    /// Checked state of checkboxes and radios.
+    pub checked: Option<bool>,
+    /// Option texts of a `<select>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+    pub id: String,
+    pub classes: String,
+    /// Bounding box in CSS pixels (viewport coordinates; the task area starts at 0,0).
+    pub left: f64,
+    pub top: f64,
+    pub width: f64,
+    pub height: f64,
+    pub focused: bool,
+    pub bg_color: String,
+    pub fg_color: String,
+}
+
+impl Element {
+    pub fn center(&self) -> (f64, f64) {
+        (self.left + self.width / 2.0, self.top + self.height / 2.0)
+    }
+}
+
+/// What the agent sees.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    pub task: String,
+    pub seed: u64,
+    /// The instruction (`core.getUtterance()`, whitespace-normalised).
+    pub utterance: String,
+    /// Key/value fields when the page gives them (`getUtterance()` returning an object, as
+    /// FlightWoB does); empty otherwise.
+    pub fields: Vec<(String, String)>,
+    pub elements: Vec<Element>,
+    /// Milliseconds since the episode started (page clock).
+    pub episode_time_ms: f64,
+    /// The episode already ended (the agent acted on the reward).
+    pub done: bool,
+}
+
+impl Observation {
+    pub fn element(&self, r: i64) -> Option<&Element> {
+        self.elements.iter().find(|e| e.r#ref == r)
+    }
+}
+
+/// Outcome of one action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub action: String,
+    /// Task reward without the time penalty (`WOB_RAW_REWARD_GLOBAL`; success = raw > 0).
+    pub raw_reward: f64,
+    /// Reward scaled by the time left, as the page computes it (`WOB_REWARD_GLOBAL`).
+    pub reward: f64,
+    pub done: bool,
+    /// `WOB_REWARD_REASON` when the page gives one.
+    pub reason: Option<String>,
+    /// Why the action could not run (unknown ref, element not interactable, episode over).
+    pub error: Option<String>,
+    /// Milliseconds since the episode started (harness clock).
+    pub elapsed_ms: f64,
+}
+
+impl StepResult {
+    pub fn success(&self) -> bool {
+        self.done && self.raw_reward > 0.0
+    }
+}
+
+const RESET_JS: &str = r#"
+var seed = arguments[0], mode = arguments[1], maxTime = arguments[2];
+if (typeof core === 'undefined' || typeof core.startEpisodeReal !== 'function') return 'core.js is not loaded';
+if (typeof Math.seedrandom !== 'function') return 'seedrandom is missing';
+core.endEpisode(0);
+if (document.activeElement && document.activeElement !== document.body && document.activeElement.blur) document.activeElement.blur();
+Math.seedrandom(seed);
+core.setDataMode(mode);
+core.EPISODE_MAX_TIME = maxTime;
+core.startEpisodeReal();
+return true;
+"#;
+
+const READY_JS: &str = "return (typeof WOB_TASK_READY === 'undefined') ? true : !!WOB_TASK_READY;";
+
+const LOADED_JS: &str = "return document.readyState === 'complete' && typeof core !== 'undefined' && !!document.getElementById('sync-task-cover');";
+
+const OBSERVE_JS: &str = r#"
+var u = core.getUtterance();
+var dom = core.getDOMInfo();
+var extra = {};
+for (var r in core.previousDOMInfo) {
+  var el = core.previousDOMInfo[r];
+  if (el instanceof HTMLSelectElement) {
+    var opts = [];
+    for (var i = 0; i < el.options.length; i++) opts.push(el.options[i].text.replace(/\s+/g, ' ').trim());
+    extra[r] = {options: opts, selected: el.selectedIndex >= 0 ? opts[el.selectedIndex] : null};
+  } else if (typeof el.className !== 'string') {
+    extra[r] = {cls: (el.className && typeof el.className.baseVal === 'string') ? el.className.baseVal : ''};
+  }
+}
+return {utterance: u, dom: dom, extra: extra, done: !!WOB_DONE_GLOBAL,
+        t: core.ept0 ? (new Date().getTime() - core.ept0) : 0};
+"#;
+
+const STATE_JS: &str = r#"
+return {done: !!WOB_DONE_GLOBAL, reward: +WOB_REWARD_GLOBAL, raw: +WOB_RAW_REWARD_GLOBAL,
+        reason: (WOB_REWARD_REASON === null || WOB_REWARD_REASON === undefined) ? null : String(WOB_REWARD_REASON)};
+"#;
+
+const LOOKUP_JS: &str = r#"
+var r = arguments[0];
+var el = core.previousDOMInfo[r];
+if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
+if (el === undefined) return 'unknown ref ' + r;
+if (!el.isConnected) return 'ref ' + r + ' is no longer in the page';
+return true;
+"#;
+
+const CLICK_JS: &str = r#"
+var r = arguments[0];
+var el = core.previousDOMInfo[r];
+if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
+if (el === undefined) return 'unknown ref ' + r;
+if (!el.isConnected) return 'ref ' + r + ' is no longer in the page';
+var res = core.elementClick(r);
+return res === true ? true : ('click failed: ' + String(res));
+"#;
+
+const SELECT_JS: &str = r#"
+var r = arguments[0], want = arguments[1];
+var el = core.previousDOMInfo[r];
+if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
+if (el === undefined) return 'unknown ref ' + r;
+if (!(el instanceof HTMLSelectElement)) return 'ref ' + r + ' is ' + el.tagName + ', not a SELECT';
+var norm = function (s) { return String(s).replace(/\s+/g, ' ').trim(); };
+var idx = -1, i;
+for (i = 0; i < el.options.length && idx < 0; i++) if (norm(el.options[i].text) === norm(want)) idx = i;
+for (i = 0; i < el.options.length && idx < 0; i++) if (el.options[i].value === want) idx = i;
+if (idx < 0) return 'select ref ' + r + ' has no option ' + JSON.stringify(want);
+el.focus();
+el.selectedIndex = idx;
+el.dispatchEvent(new Event('input', {bubbles: true}));
+el.dispatchEvent(new Event('change', {bubbles: true}));
+return true;
+"#;
+
+const INSERT_TEXT_JS: &str = "return document.execCommand('insertText', false, arguments[0]);";
+
+const WRAP_RECT_JS: &str = r#"
+var w = document.getElementById('wrap');
+if (!w) return null;
+var r = w.getBoundingClientRect();
+return [r.left, r.top, r.width, r.height];
+"#;
+
+/// A MiniWoB session: one Chromium, one task page at a time.
+pub struct Session {
+    browser: Browser,
+    server: Arc<TaskServer>,
+    cfg: EnvConfig,
+    loaded: Option<String>,
+    task: Option<String>,
+    seed: u64,
+    start: Instant,
+    boxes: HashMap<i64, (f64, f64, f64, f64)>,
+    dead: bool,
+    episodes: u64,
+}
+
+/// How an action-level WebDriver error is reported: in the StepResult, or as an EnvError.
+enum Fail {
+    Action(String),
+    Env(EnvError),
+}
+
+impl From<EnvError> for Fail {
+    fn from(e: EnvError) -> Self {
+        Fail::Env(e)
+    }
+}
+
+impl Session {
+    /// Starts a browser for pages served by `server`.
+    pub async fn new(server: Arc<TaskServer>, cfg: EnvConfig) -> Result<Session, EnvError> {
+        let browser = Browser::launch(&cfg.browser).await?;
+        let _ = browser.client.set_window_size(cfg.browser.window.0, cfg.browser.window.1).await;
+        Ok(Session {
+            browser,
+            server,
+            cfg,
+            loaded: None,
+            task: None,
+            seed: 0,
+            start: Instant::now(),
+            boxes: HashMap::new(),
+            dead: false,
+            episodes: 0,
+        })
+    }
+
+    /// Starts its own task server on the html tree of `scripts/setup.sh`, then a browser.
+    pub async fn start(cfg: EnvConfig) -> Result<Session, EnvError> {
+        let root = html_root()?;
+        let server =
+            TaskServer::start(&root).await.map_err(|e| EnvError::Setup(format!("starting the task server: {e}")))?;
+        Session::new(Arc::new(server), cfg).await
+    }
+
+    pub fn server(&self) -> &Arc<TaskServer> {
+        &self.server
+    }
+
+    pub fn browser(&self) -> &Browser {
+        &self.browser
+    }
+
+    /// True once a call found the browser dead; the session cannot be used again.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Not known dead and chromedriver still running (cheap, no WebDriver call).
+    pub fn is_healthy(&mut self) -> bool {
+        !self.dead && self.browser.driver_alive()
+    }
+
+    /// Episodes started in this session.
+    pub fn episodes(&self) -> u64 {
+        self.episodes
+    }
+
+    /// Closes the WebDriver session and stops the browser.
+    pub async fn close(self) {
+        self.browser.close().await;
+    }
+
+    fn died(&mut self, why: String) -> EnvError {
+        self.dead = true;
+        EnvError::BrowserDied(why)
+    }
+
+    fn check_alive(&mut self) -> Result<(), EnvError> {
+        if self.dead {
+            return Err(EnvError::BrowserDied("this session's browser died earlier".into()));
+        }
+        if !self.browser.driver_alive() {
+            return Err(self.died("chromedriver exited".into()));
+        }
+        Ok(())
+    }
+
+    /// Turns a WebDriver error into an EnvError: JavaScript errors are the page's, anything else
+    /// is checked with a trivial script; if that fails too the browser is dead.
+    async fn classify(&mut self, e: CmdError) -> EnvError {
+        if e.is_javascript_error() {
+            return EnvError::Page(e.to_string());
+        }
+        if self.probe().await {
+            EnvError::WebDriver(e.to_string())
+        } else {
+            self.died(e.to_string())
+        }
+    }
+
+    async fn probe(&mut self) -> bool {
+        if !self.browser.driver_alive() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.browser.client.execute("return 1", vec![])).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn exec(&mut self, script: &str, args: Vec<Value>) -> Result<Value, EnvError> {
+        self.check_alive()?;
+        match tokio::time::timeout(self.cfg.call_timeout, self.browser.client.execute(script, args)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(e).await),
+            Err(_) => Err(self.died(format!("a WebDriver call took more than {:?}", self.cfg.call_timeout))),
+        }
+    }
+
+    /// Runs a script that returns `true` or an error message for the action.
+    async fn exec_action(&mut self, script: &str, args: Vec<Value>) -> Result<Option<String>, EnvError> {
+        match self.exec(script, args).await {
+            Ok(Value::Bool(true)) => Ok(None),
+            Ok(Value::String(s)) => Ok(Some(s)),
+            Ok(v) => Ok(Some(format!("unexpected script result {v}"))),
+            Err(EnvError::Page(m)) => Ok(Some(format!("page error: {m}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn load(&mut self, task: &str) -> Result<(), EnvError> {
+        if self.loaded.as_deref() == Some(task) {
+            return Ok(());
+        }
+        let page = tasks::page_path(task).ok_or_else(|| EnvError::UnknownTask(task.to_string()))?;
+        if !self.server.root().join(&page).is_file() {
+            return Err(EnvError::UnknownTask(task.to_string()));
+        }
+        self.loaded = None;
+        let url = format!("{}{}", self.server.base_url(), page);
+        self.check_alive()?;
+        match tokio::time::timeout(self.cfg.call_timeout, self.browser.client.goto(&url)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.classify(e).await),
+            Err(_) => return Err(self.died("page load timed out".into())),
+        }
+        let t0 = Instant::now();
+        loop {
+            if self.exec(LOADED_JS, vec![]).await? == Value::Bool(true) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(EnvError::Page(format!("{url} did not finish loading (no #sync-task-cover after 10 s)")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.loaded = Some(task.to_string());
+        Ok(())
+    }
+
+    /// Starts an episode of `task` with `seed` (a JS number: `Math.seedrandom(seed)`), and
+    /// returns its first observation. The same (task, seed) gives the same utterance and DOM.
+    pub async fn reset(&mut self, task: &str, seed: u64) -> Result<Observation, EnvError> {
+        if seed > MAX_SEED {
+            return Err(EnvError::Page(format!(
+                "seed {seed} is not exactly representable as a JS number (max {MAX_SEED})"
+            )));
+        }
+        if !tasks::valid_name(task) || !tasks::task_exists(self.server.root(), task) {
+            return Err(EnvError::UnknownTask(task.to_string()));
+        }
+        self.load(task).await?;
+        let r = self
+            .exec(RESET_JS, vec![json!(seed), json!(self.cfg.data_mode), json!(self.cfg.episode_max_time_ms)])
+            .await?;
+        if r != Value::Bool(true) {
+            // A page in a bad state: reload it once.
+            self.loaded = None;
+            self.load(task).await?;
+            let r = self
+                .exec(RESET_JS, vec![json!(seed), json!(self.cfg.data_mode), json!(self.cfg.episode_max_time_ms)])
+                .await?;
+            if r != Value::Bool(true) {
+                return Err(EnvError::Page(format!("reset failed: {r}")));
+            }
+        }
+        let t0 = Instant::now();
+        while self.exec(READY_JS, vec![]).await? != Value::Bool(true) {
+            if t0.elapsed() > Duration::from_secs(5) {
+                return Err(EnvError::Page("WOB_TASK_READY stayed false for 5 s".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.task = Some(task.to_string());
+        self.seed = seed;
+        self.start = Instant::now();
+        self.episodes += 1;
+        self.observe().await
+    }
+
+    /// The current observation of the running episode.
+    pub async fn observe(&mut self) -> Result<Observation, EnvError> {
+        let task = self.task.clone().ok_or_else(|| EnvError::Page("observe() before reset()".into()))?;
+        let v = self.exec(OBSERVE_JS, vec![]).await?;
+        let (utterance, fields) = match v.get("utterance") {
+            Some(Value::String(s)) => (s.clone(), Vec::new()),
+            Some(Value::Object(o)) => {
+                let u = o.get("utterance").and_then(Value::as_str).unwrap_or("").to_string();
+                let mut f: Vec<(String, String)> = o
+                    .get("fields")
+                    .and_then(Value::as_object)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                f.sort();
+                (u, f)
+            }
+            _ => (String::new(), Vec::new()),
+        };
+        let mut elements = Vec::new();
+        let empty = serde_json::Map::new();
+        let extra = v.get("extra").and_then(Value::as_object).unwrap_or(&empty);
+        if let Some(root) = v.get("dom") {
+            flatten(root, None, 0, extra, &mut elements);
+        }
+        self.boxes = elements.iter().map(|e| (e.r#ref, (e.left, e.top, e.width, e.height))).collect();
+        Ok(Observation {
+            task,
+            seed: self.seed,
+            utterance,
+            fields,
+            elements,
+            episode_time_ms: v.get("t").and_then(Value::as_f64).unwrap_or(0.0),
+            done: v.get("done").and_then(Value::as_bool).unwrap_or(false),
+        })
+    }
+
+    /// PNG of the task area (`#wrap`, 160×210 CSS px) at the browser's device scale.
+    pub async fn screenshot(&mut self) -> Result<Vec<u8>, EnvError> {
+        let rect = self.exec(WRAP_RECT_JS, vec![]).await?;
+        let r: Vec<f64> = serde_json::from_value(rect).unwrap_or_default();
+        self.check_alive()?;
+        let png = match tokio::time::timeout(self.cfg.call_timeout, self.browser.client.screenshot()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(self.classify(e).await),
+            Err(_) => return Err(self.died("screenshot timed out".into())),
+        };
+        let img = image::load_from_memory(&png).map_err(|e| EnvError::WebDriver(format!("bad screenshot: {e}")))?;
+        let s = self.cfg.browser.device_scale.max(1) as f64;
+        let (x, y, w, h) = if r.len() == 4 { (r[0], r[1], r[2], r[3]) } else { (0.0, 0.0, 160.0, 210.0) };
+        let px = |v: f64| (v * s).round().max(0.0) as u32;
+        let (x, y) = (px(x).min(img.width().saturating_sub(1)), px(y).min(img.height().saturating_sub(1)));
+        let w = px(w).min(img.width() - x).max(1);
+        let h = px(h).min(img.height() - y).max(1);
+        let crop = img.crop_imm(x, y, w, h);
+        let mut out = Vec::new();
+        crop.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .map_err(|e| EnvError::WebDriver(format!("encoding the screenshot: {e}")))?;
+        Ok(out)
+    }
+
+    /// Screenshot with Set-of-Marks boxes and `[ref]` labels for the elements of `obs`.
+    pub async fn som_screenshot(&mut self, obs: &Observation) -> Result<Vec<u8>, EnvError> {
+        let png = self.screenshot().await?;
+        super::som::render_png(&png, &obs.elements, self.cfg.browser.device_scale.max(1) as f32)
+            .map_err(|e| EnvError::Setup(format!("Set-of-Marks: {e}")))
+    }
+
+    /// Device pixels per CSS pixel of [`Session::screenshot`].
+    pub fn device_scale(&self) -> u32 {
+        self.cfg.browser.device_scale.max(1)
+    }
+
+    async fn state(&mut self) -> Result<(bool, f64, f64, Option<String>), EnvError> {
+        let v = self.exec(STATE_JS, vec![]).await?;
+        Ok((
+            v.get("done").and_then(Value::as_bool).unwrap_or(false),
+            v.get("reward").and_then(Value::as_f64).unwrap_or(0.0),
+            v.get("raw").and_then(Value::as_f64).unwrap_or(0.0),
+            v.get("reason").and_then(Value::as_str).map(str::to_string),
+        ))
+    }
+
+    /// Performs one action and reads the reward. An action that cannot run is reported in
+    /// `StepResult::error`; `Err` means the browser itself failed (see [`EnvError::is_retryable`]).
+    pub async fn act(&mut self, action: &Action) -> Result<StepResult, EnvError> {
+        if self.task.is_none() {
+            return Err(EnvError::Page("act() before reset()".into()));
+        }
+        let (done_before, ..) = self.state().await?;
+        let error = if done_before {
+            Some("the episode is already over".to_string())
+        } else {
+            match self.perform(action).await {
+                Ok(()) => None,
+                Err(Fail::Action(m)) => Some(m),
+                Err(Fail::Env(e)) => return Err(e),
+            }
+        };
+        let (done, reward, raw_reward, reason) = self.state().await?;
+        Ok(StepResult {
+            action: action.to_string(),
+            raw_reward,
+            reward,
+            done,
+            reason,
+            error,
+            elapsed_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    async fn perform(&mut self, action: &Action) -> Result<(), Fail> {
+        match action {
+            Action::NoOp => Ok(()),
+            Action::ClickRef(r) if *r < 0 => {
+                let (x, y, w, h) = *self.boxes.get(r).ok_or_else(|| Fail::Action(format!("unknown ref {r}")))?;
+                self.click_at(x + w / 2.0, y + h / 2.0).await
+            }
+            Action::ClickRef(r) => {
+                self.exec_action(CLICK_JS, vec![json!(r)]).await?.map_or(Ok(()), |m| Err(Fail::Action(m)))
+            }
+            Action::ClickAt { x, y } => self.click_at(*x, *y).await,
+            Action::TypeRef { r#ref, text } => {
+                if *r#ref < 0 {
+                    return Err(Fail::Action(format!("ref {} is a text fragment; it cannot take input", r#ref)));
+                }
+                if let Some(m) = self.exec_action(LOOKUP_JS, vec![json!(r#ref)]).await? {
+                    return Err(Fail::Action(m));
+                }
+                if let Some(m) = self.exec_action(CLICK_JS, vec![json!(r#ref)]).await? {
+                    return Err(Fail::Action(m));
+                }
+                self.type_text(text).await
+            }
+            Action::TypeFocused { text } => self.type_text(text).await,
+            Action::SelectRef { r#ref, option } => self
+                .exec_action(SELECT_JS, vec![json!(r#ref), json!(option)])
+                .await?
+                .map_or(Ok(()), |m| Err(Fail::Action(m))),
+            Action::PressKey { key } => {
+                let chord = parse_key_chord(key).map_err(|e| Fail::Action(e.to_string()))?;
+                let mut k = KeyActions::new("keyboard".into());
+                for m in &chord.modifiers {
+                    k = k.then(KeyAction::Down { value: *m });
+                }
+                k = k.then(KeyAction::Down { value: chord.key }).then(KeyAction::Up { value: chord.key });
+                for m in chord.modifiers.iter().rev() {
+                    k = k.then(KeyAction::Up { value: *m });
+                }
+                self.input(k.into()).await
+            }
+        }
+    }
+
+    async fn click_at(&mut self, x: f64, y: f64) -> Result<(), Fail> {
+        let (w, h) = self.cfg.browser.window;
+        if !(x.is_finite() && y.is_finite()) || x < 0.0 || y < 0.0 || x >= w as f64 || y >= h as f64 - 143.0 {
+            return Err(Fail::Action(format!("point ({x}, {y}) is outside the page")));
+        }
+        let m = MouseActions::new("mouse".into())
+            .then(PointerAction::MoveTo { duration: Some(Duration::ZERO), x: x.floor(), y: y.floor() })
+            .then(PointerAction::Down { button: MOUSE_BUTTON_LEFT })
+            .then(PointerAction::Up { button: MOUSE_BUTTON_LEFT });
+        self.input(m.into()).await
+    }
+
+    async fn input(&mut self, actions: fantoccini::actions::Actions) -> Result<(), Fail> {
+        self.check_alive()?;
+        let r = tokio::time::timeout(self.cfg.call_timeout, self.browser.client.perform_actions(actions)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.browser.client.release_actions()).await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.action_error(e).await),
+            Err(_) => Err(Fail::Env(self.died("input actions timed out".into()))),
+        }
+    }
+
+    /// Element-level WebDriver errors belong to the action; the rest are classified.
+    async fn action_error(&mut self, e: CmdError) -> Fail {
+        if let CmdError::Standard(w) = &e {
+            use fantoccini::error::ErrorStatus as S;
+            match w.error {
+                S::ElementNotInteractable
+                | S::ElementClickIntercepted
+                | S::InvalidElementState
+                | S::StaleElementReference
+                | S::NoSuchElement
+                | S::InvalidArgument
+                | S::MoveTargetOutOfBounds
+                | S::JavascriptError => return Fail::Action(w.message.to_string()),
+                _ => {}
+            }
+        }
+        Fail::Env(self.classify(e).await)
+    }
+
+    /// Types `text` into the focused element: WebDriver Send Keys on the active element (the
+    /// text arrives as key input, literally; `\n` is the Enter key, which inserts a newline in a
+    /// textarea). Characters outside the BMP, which chromedriver cannot type, and tabs go
+    /// through `document.execCommand('insertText')` with the text as a script argument.
+    async fn type_text(&mut self, text: &str) -> Result<(), Fail> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.check_alive()?;
+        let el = match tokio::time::timeout(self.cfg.call_timeout, self.browser.client.active_element()).await {
+            Ok(Ok(el)) => el,
+            Ok(Err(e)) => return Err(self.action_error(e).await),
+            Err(_) => return Err(Fail::Env(self.died("active element lookup timed out".into()))),
+        };
+        // Split into runs of keyable characters and runs of the others (outside the BMP, and
+        // tab, which as a key would move the focus instead of inserting a tab).
+        let mut runs: Vec<(bool, String)> = Vec::new();
+        for c in text.chars() {
+            let keyable = (c as u32) <= 0xFFFF && c != '\t';
+            match runs.last_mut() {
+                Some((k, s)) if *k == keyable => s.push(c),
+                _ => runs.push((keyable, c.to_string())),
+            }
+        }
+        for (bmp, run) in runs {
+            if bmp {
+                match tokio::time::timeout(self.cfg.call_timeout, el.send_keys(&run)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(self.action_error(e).await),
+                    Err(_) => return Err(Fail::Env(self.died("typing timed out".into()))),
+                }
+            } else if let Some(m) = self.exec_action(INSERT_TEXT_JS, vec![json!(run)]).await? {
+                return Err(Fail::Action(m));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn flatten(
+    node: &Value,
+    parent: Option<i64>,
+    depth: u32,
+    extra: &serde_json::Map<String, Value>,
+    out: &mut Vec<Element>,
+) {
+    let Some(o) = node.as_object() else { return };
+    let r = o.get("ref").and_then(Value::as_i64).unwrap_or(0);
+    let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let f = |k: &str| o.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let ex = extra.get(&r.to_string());
+    let mut value = None;
+    let mut checked = None;
+    match o.get("value") {
+        Some(Value::Bool(b)) => checked = Some(*b),
+        Some(Value::String(v)) => value = Some(v.clone()),
+        Some(Value::Number(n)) => value = Some(n.to_string()),
+        _ => {}
+    }
+    let mut options = Vec::new();
+    if let Some(ex) = ex {
+        if let Some(opts) = ex.get("options").and_then(Value::as_array) {
+            options = opts.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+            value = ex.get("selected").and_then(Value::as_str).map(str::to_string);
+        }
+    }
+    let classes = match o.get("classes") {
+        Some(Value::String(c)) => c.clone(),
+        _ => ex.and_then(|e| e.get("cls")).and_then(Value::as_str).unwrap_or("").to_string(),
+    };
+    out.push(Element {
+        r#ref: r,
+        parent,
+        depth,
+        tag: s("tag"),
+        text: s("text"),
+        value,
+        checked,
+        options,
+        id: s("id"),
+        classes,
+        left: f("left"),
+        top: f("top"),
+        width: f("width"),
+        height: f("height"),
+        focused: o.get("focused").and_then(Value::as_bool).unwrap_or(false),
+        bg_color: s("bgColor"),
+        fg_color: s("fgColor"),
+    });
+    if let Some(children) = o.get("children").and_then(Value::as_array) {
+        for c in children {
+            flatten(c, Some(r), depth + 1, extra, out);
+        }
+    }
+}
