@@ -3,11 +3,13 @@
 //! recorded with file and line and skipped; the raw model output is never kept.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::de::{self, Deserializer, Visitor};
@@ -142,7 +144,41 @@ impl Rows {
         format!("{}:{}", self.files[self.file[i] as usize].display(), self.line[i])
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Appends rows parsed with their own dictionaries, re-coding them; `line_offset` is added to
+    /// their line numbers.
+    fn append(&mut self, o: Rows, line_offset: u32) {
+        fn remap(g: &mut Dict, l: &Dict) -> Vec<u32> {
+            (0..l.len() as u32).map(|c| g.code(l.name(c))).collect()
+        }
+        fn extend(dst: &mut Vec<u32>, src: &[u32], map: &[u32]) {
+            dst.extend(src.iter().map(|&c| map[c as usize]));
+        }
+        let m = remap(&mut self.experiments, &o.experiments);
+        extend(&mut self.experiment, &o.experiment, &m);
+        let m = remap(&mut self.models, &o.models);
+        extend(&mut self.model, &o.model, &m);
+        let m: Vec<u32> = o.layers.values.iter().map(|&v| self.layers.code(v)).collect();
+        extend(&mut self.layer, &o.layer, &m);
+        let m: Vec<u32> = o.coeffs.values.iter().map(|&v| self.coeffs.code(v)).collect();
+        extend(&mut self.coeff, &o.coeff, &m);
+        let m = remap(&mut self.coeff_modes, &o.coeff_modes);
+        extend(&mut self.coeff_mode, &o.coeff_mode, &m);
+        let m = remap(&mut self.prompt_pairs, &o.prompt_pairs);
+        extend(&mut self.prompt_pair, &o.prompt_pair, &m);
+        let m = remap(&mut self.vector_methods, &o.vector_methods);
+        extend(&mut self.vector_method, &o.vector_method, &m);
+        let m = remap(&mut self.vector_hashes, &o.vector_hashes);
+        extend(&mut self.vector_hash, &o.vector_hash, &m);
+        let m = remap(&mut self.tasks, &o.tasks);
+        extend(&mut self.task, &o.task, &m);
+        self.seed.extend_from_slice(&o.seed);
+        self.flags.extend_from_slice(&o.flags);
+        self.steps.extend_from_slice(&o.steps);
+        self.tokens_out.extend_from_slice(&o.tokens_out);
+        self.file.extend_from_slice(&o.file);
+        self.line.extend(o.line.iter().map(|&l| l + line_offset));
+    }
+
     fn push(&mut self, r: &Episode<'_>, file: u32, line: u32) {
         self.experiment.push(self.experiments.code(Some(r.experiment)));
         self.model.push(self.models.code(Some(r.model)));
@@ -430,23 +466,31 @@ pub fn ingest(inputs: &[PathBuf]) -> Result<Ingested> {
     Ok(ing)
 }
 
-fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut buf = Vec::with_capacity(4096);
-    let mut line_no: u64 = 0;
-    loop {
-        buf.clear();
-        let n = r.read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        ing.lines_read += 1;
-        let terminated = buf.last() == Some(&b'\n');
-        let mut line: &[u8] = &buf;
+/// Bytes per block handed to a parser thread.
+const BLOCK: usize = 4 << 20;
+
+/// Parsed block: rows with their own dictionaries, line numbers relative to the block start.
+struct Block {
+    rows: Rows,
+    problems: Vec<Problem>,
+    lines: u64,
+}
+
+/// Parses whole lines; the last one may be unterminated only in the file's last block.
+fn parse_block(block: &[u8], path: &Path, fid: u32) -> Block {
+    let mut out = Block { rows: Rows::default(), problems: Vec::new(), lines: 0 };
+    let mut pos = 0;
+    while pos < block.len() {
+        let (end, terminated) = match block[pos..].iter().position(|&b| b == b'\n') {
+            Some(off) => (pos + off, true),
+            None => (block.len(), false),
+        };
+        out.lines += 1;
+        let line_no = out.lines;
+        let mut line = &block[pos..end];
+        pos = end + 1;
         while let Some((last, rest)) = line.split_last() {
-            if matches!(last, b'\n' | b'\r' | b' ' | b'\t') {
+            if matches!(last, b'\r' | b' ' | b'\t') {
                 line = rest;
             } else {
                 break;
@@ -455,14 +499,114 @@ fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        let rows = &mut ing.rows;
+        let rows = &mut out.rows;
         let res = parse_line(line, |ep| rows.push(ep, fid, line_no as u32));
         if let Err((kind, message)) = res {
             let kind = if !terminated && kind == ProblemKind::MalformedJson { ProblemKind::TornLastLine } else { kind };
-            ing.problems.push(Problem { file: path.to_path_buf(), line: line_no, kind, message });
+            out.problems.push(Problem { file: path.to_path_buf(), line: line_no, kind, message });
         }
     }
-    Ok(())
+    out
+}
+
+/// Reads until `buf` grew by `want` bytes or the file ended; true at end of file.
+fn fill(f: &mut File, buf: &mut Vec<u8>, want: usize) -> std::io::Result<bool> {
+    let target = buf.len() + want;
+    buf.reserve(want);
+    while buf.len() < target {
+        let n = f.by_ref().take((target - buf.len()) as u64).read_to_end(buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+impl Ingested {
+    fn merge(&mut self, b: Block) {
+        let offset = self.lines_read;
+        self.rows.append(b.rows, offset as u32);
+        self.problems.extend(b.problems.into_iter().map(|mut p| {
+            p.line += offset;
+            p
+        }));
+        self.lines_read += b.lines;
+    }
+}
+
+/// Reads one JSONL file: the calling thread reads blocks of whole lines, parser threads validate
+/// them, and the blocks are merged back in file order (so line numbers and dictionary codes are the
+/// same as a sequential read).
+fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let base_lines = ing.lines_read;
+    ing.lines_read = 0; // line numbers within this file; restored below
+    let workers = std::env::var("ANALYZE_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, 8);
+    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 2);
+    let job_rx = Mutex::new(job_rx);
+    let (res_tx, res_rx) = mpsc::channel::<(usize, Block)>();
+    let res = std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..workers {
+            let (job_rx, res_tx) = (&job_rx, res_tx.clone());
+            scope.spawn(move || loop {
+                let job = job_rx.lock().expect("job queue").recv();
+                let Ok((seq, buf)) = job else { break };
+                if res_tx.send((seq, parse_block(&buf, path, fid))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(res_tx);
+        let mut pending: BTreeMap<usize, Block> = BTreeMap::new();
+        let mut next = 0usize;
+        let mut seq = 0usize;
+        let mut carry: Vec<u8> = Vec::new();
+        let mut merge_ready = |pending: &mut BTreeMap<usize, Block>, ing: &mut Ingested| {
+            while let Some(b) = pending.remove(&next) {
+                ing.merge(b);
+                next += 1;
+            }
+        };
+        loop {
+            let mut buf = std::mem::take(&mut carry);
+            let eof = fill(&mut f, &mut buf, BLOCK).with_context(|| format!("reading {}", path.display()))?;
+            if !eof {
+                match buf.iter().rposition(|&b| b == b'\n') {
+                    Some(p) => {
+                        carry = buf[p + 1..].to_vec();
+                        buf.truncate(p + 1);
+                    }
+                    None => {
+                        carry = buf; // a line longer than a block: read on
+                        continue;
+                    }
+                }
+            }
+            if !buf.is_empty() {
+                job_tx.send((seq, buf)).expect("parser threads alive");
+                seq += 1;
+            }
+            while let Ok((s, b)) = res_rx.try_recv() {
+                pending.insert(s, b);
+            }
+            merge_ready(&mut pending, ing);
+            if eof {
+                break;
+            }
+        }
+        drop(job_tx);
+        for (s, b) in res_rx {
+            pending.insert(s, b);
+        }
+        merge_ready(&mut pending, ing);
+        Ok(())
+    });
+    ing.lines_read += base_lines;
+    res
 }
 
 /// Pushes an already validated episode (used by the parquet reader).
