@@ -492,3 +492,64 @@ fn by_accepts_prompt_type_alias_and_rejects_unknown_columns() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown --by column"));
 }
+
+#[test]
+fn line_numbers_survive_parser_blocks_and_files() {
+    // > 4 MiB so the parallel reader splits it into several blocks; bad lines far apart.
+    let d = tmp();
+    let mut big = String::new();
+    let mut n = 0u64;
+    while big.len() < 9 << 20 {
+        n += 1;
+        if n == 7_777 || n == 15_000 {
+            big += "{\"broken\": \n";
+        } else {
+            big += &line(
+                "m",
+                Some(1),
+                0.0,
+                Some("accuracy"),
+                "click-button",
+                n,
+                false,
+                n % 2 == 0,
+                false,
+                1,
+                5,
+                Some("h"),
+            );
+        }
+    }
+    big += "{\"torn"; // unterminated last line
+    fs::write(d.path().join("a.jsonl"), &big).unwrap();
+    let second = format!(
+        "{}{}",
+        line("m", Some(1), 2.0, Some("accuracy"), "click-button", 2, true, true, false, 1, 5, Some("h")),
+        "not json\n"
+    );
+    fs::write(d.path().join("b.jsonl"), second).unwrap();
+    for threads in ["1", "3"] {
+        let out = d.path().join(format!("out{threads}"));
+        let o = bin()
+            .env("ANALYZE_THREADS", threads)
+            .args([d.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "-q", "--no-plots"])
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        for want in [
+            "a.jsonl:7777: malformed JSON".to_string(),
+            "a.jsonl:15000: malformed JSON".to_string(),
+            format!("a.jsonl:{}: torn last line", n + 1),
+            "b.jsonl:2: malformed JSON".to_string(),
+        ] {
+            assert!(err.contains(&want), "threads {threads}: missing {want:?} in\n{err}");
+        }
+        assert!(err.contains("4 input lines skipped"), "{err}");
+        let rows = read_csv(&out.join("comparison.csv"));
+        let paired = find(&rows, &[("coeff", "2.0")]);
+        assert_eq!((f(paired, "episodes"), f(paired, "baseline_success")), (1.0, 1.0));
+        let base = find(&rows, &[("coeff", "0.0")]);
+        assert_eq!(f(base, "episodes"), (n - 2 - 1) as f64); // all baselines but the 2 broken and the paired one
+    }
+}
