@@ -22,6 +22,8 @@ pub const NONE: u32 = u32::MAX;
 /// Two rows with the same full key and different vector hashes.
 #[derive(Debug, Clone)]
 pub struct Conflict {
+    /// Model code of the rows.
+    pub model: u32,
     /// The full key, readable.
     pub key: String,
     pub first_source: String,
@@ -240,6 +242,7 @@ fn dedupe(r: &Rows, rows: &[u32], out: &mut Vec<u32>, p: &mut Pairing, conflicts
                 conflicts.insert(config(r, x));
                 let name = |c: u32| r.vector_hashes.name(c).unwrap_or("null").to_string();
                 p.conflicts.push(Conflict {
+                    model: r.model[x],
                     key: full_key(r, x),
                     first_source: r.source(first),
                     first_hash: name(r.vector_hash[first]),

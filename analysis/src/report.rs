@@ -180,6 +180,16 @@ pub fn model_table(r: &Rows, p: &Pairing, fine_by: &[KeyCol], fine: &[GroupStats
     );
     t.f64("best_delta", "best Δ (pp)", best.iter().map(|g| g.and_then(|g| g.delta())).collect(), pp);
     t.f64("best_mcnemar_p", "p", best.iter().map(|g| g.and_then(|g| g.p)).collect(), pval);
+    if !p.conflicts.is_empty() {
+        // the pooled columns above mix the incompatible runs: say so
+        let per_model = |m: u32| p.conflicts.iter().filter(|c| c.model == m).count() as i64;
+        let c = t.i64("incompatible_runs", "⚠ conflicts", models.iter().map(|&m| Some(per_model(m))).collect());
+        for cell in c.cells.iter_mut() {
+            if cell == "0" {
+                cell.clear();
+            }
+        }
+    }
     t
 }
 

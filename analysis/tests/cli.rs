@@ -356,6 +356,8 @@ fn incompatible_vector_hashes_are_reported_and_kept_apart() {
     assert_eq!((f(ra, "episodes"), f(ra, "steered_success"), f(ra, "delta")), (4.0, 1.0, 1.0));
     assert_eq!((f(rb, "episodes"), f(rb, "steered_success"), f(rb, "delta")), (4.0, 0.0, 0.0));
     assert_eq!(read_csv(&out.join("conflicts.csv")).len(), 8);
+    let models = read_csv(&out.join("models.csv"));
+    assert_eq!(f(find(&models, &[("model", "m")]), "incompatible_runs"), 8.0);
     assert!(fs::read_to_string(out.join("comparison.md")).unwrap().contains("⚠ aaaa"));
     assert_eq!(
         run(&[d.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-plots", "-q", "--strict"])
@@ -512,7 +514,7 @@ fn line_numbers_survive_parser_blocks_and_files() {
                 "click-button",
                 n,
                 false,
-                n % 2 == 0,
+                n.is_multiple_of(2),
                 false,
                 1,
                 5,
