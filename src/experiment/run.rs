@@ -105,6 +105,10 @@ pub struct RunArgs {
     /// Print the experiment's sweep (`model<TAB>layer<TAB>modality` lines) and exit (run_exp12.sh).
     #[arg(long, hide = true)]
     pub print_sweep: bool,
+    /// Print a paired table (baseline vs steered per model × layer × coefficient) of these
+    /// result files and exit.
+    #[arg(long, num_args = 1.., value_name = "FILE.jsonl")]
+    pub print_table: Vec<PathBuf>,
 }
 
 /// Settings after merging flags, the experiment file and defaults.
@@ -540,6 +544,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if a.print_sweep {
         return sweep(&a);
     }
+    if !a.print_table.is_empty() {
+        return print_table(&a.print_table);
+    }
     let s = Settings::resolve(&a)?;
     let summary = execute(&s, a.vector_cache.as_deref(), !a.no_progress)?;
     print_summary(&summary);
@@ -549,6 +556,65 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     if summary.failed_pairs > 0 {
         bail!("{} (task, seed) pairs failed (see the log); rerun the same command to retry them", summary.failed_pairs);
+    }
+    Ok(())
+}
+
+/// A markdown table of result files: per (experiment, model, layer, prompt pair, coefficient), the
+/// baseline and steered success and parse-failure rates and Δ (no confidence intervals: `analyze`
+/// has them).
+pub fn print_table(files: &[PathBuf]) -> Result<()> {
+    type Group = (String, String, String, String);
+    let mut base: BTreeMap<Group, Tally> = BTreeMap::new();
+    let mut steer: BTreeMap<(Group, String), Tally> = BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for l in text.lines().filter_map(|l| serde_json::from_str::<EpisodeLine>(l).ok()) {
+            let g = (
+                l.experiment.clone(),
+                l.model.clone(),
+                l.layer.map_or("-".into(), |x| x.to_string()),
+                l.prompt_pair.clone().unwrap_or_else(|| "-".into()),
+            );
+            if l.condition == "baseline" {
+                base.entry(g).or_default().add(l.success, l.parse_failure);
+            } else {
+                steer.entry((g, format!("{}", l.coeff))).or_default().add(l.success, l.parse_failure);
+            }
+        }
+    }
+    println!("| experiment | model | layer | pair | α | n | baseline success | steered success | Δ (pp) | baseline parse fail | steered parse fail |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    for (g, b) in &base {
+        let rows: Vec<_> = steer.iter().filter(|((sg, _), _)| sg == g).collect();
+        if rows.is_empty() {
+            println!(
+                "| {} | {} | {} | {} | - | {} | {} | - | - | {} | - |",
+                g.0,
+                g.1,
+                g.2,
+                g.3,
+                b.episodes,
+                pct(b.rate()),
+                pct(b.pf_rate())
+            );
+        }
+        for ((_, c), t) in rows {
+            println!(
+                "| {} | {} | {} | {} | {c} | {} | {} | {} | {:+.1} | {} | {} |",
+                g.0,
+                g.1,
+                g.2,
+                g.3,
+                t.episodes,
+                pct(b.rate()),
+                pct(t.rate()),
+                100.0 * (t.rate() - b.rate()),
+                pct(b.pf_rate()),
+                pct(t.pf_rate())
+            );
+        }
     }
     Ok(())
 }
