@@ -336,10 +336,11 @@ fn incompatible_vector_hashes_are_reported_and_kept_apart() {
     let mut a = String::new();
     let mut b = String::new();
     for seed in 0..4u64 {
-        a += &line("m", Some(5), 0.0, Some("accuracy"), "click-button", seed, false, false, false, 1, 5, Some("aaaa"));
-        a += &line("m", Some(5), 2.0, Some("accuracy"), "click-button", seed, true, true, false, 1, 5, Some("aaaa"));
+        // run a: baselines succeed, steered fail; run b: the reverse. Pairing across runs would give Δ = 0.
+        a += &line("m", Some(5), 0.0, Some("accuracy"), "click-button", seed, false, true, false, 1, 5, Some("aaaa"));
+        a += &line("m", Some(5), 2.0, Some("accuracy"), "click-button", seed, true, false, false, 1, 5, Some("aaaa"));
         b += &line("m", Some(5), 0.0, Some("accuracy"), "click-button", seed, false, false, false, 1, 5, Some("bbbb"));
-        b += &line("m", Some(5), 2.0, Some("accuracy"), "click-button", seed, true, false, false, 1, 5, Some("bbbb"));
+        b += &line("m", Some(5), 2.0, Some("accuracy"), "click-button", seed, true, true, false, 1, 5, Some("bbbb"));
     }
     fs::write(d.path().join("a.jsonl"), a).unwrap();
     fs::write(d.path().join("b.jsonl"), b).unwrap();
@@ -353,8 +354,11 @@ fn incompatible_vector_hashes_are_reported_and_kept_apart() {
     assert_eq!(rows.len(), 2, "not averaged: one row per vector hash: {rows:?}");
     let ra = find(&rows, &[("mixed_vector_hash", "aaaa")]);
     let rb = find(&rows, &[("mixed_vector_hash", "bbbb")]);
-    assert_eq!((f(ra, "episodes"), f(ra, "steered_success"), f(ra, "delta")), (4.0, 1.0, 1.0));
-    assert_eq!((f(rb, "episodes"), f(rb, "steered_success"), f(rb, "delta")), (4.0, 0.0, 0.0));
+    let nums = |r: &HashMap<String, String>| {
+        (f(r, "episodes"), f(r, "baseline_success"), f(r, "steered_success"), f(r, "delta"))
+    };
+    assert_eq!(nums(ra), (4.0, 1.0, 0.0, -1.0));
+    assert_eq!(nums(rb), (4.0, 0.0, 1.0, 1.0));
     assert_eq!(read_csv(&out.join("conflicts.csv")).len(), 8);
     let models = read_csv(&out.join("models.csv"));
     assert_eq!(f(find(&models, &[("model", "m")]), "incompatible_runs"), 8.0);
