@@ -434,6 +434,14 @@ fn plots_are_800x500_pngs() {
     let out = d.path().join("out");
     let o = run(&[file.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // scripts/setup.sh installs fonts-dejavu-core; only a machine without any font may skip the plots
+    // (the binary then says so and still writes the tables).
+    let dejavu = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists();
+    if !dejavu && stderr(&o).contains("plots skipped: no usable TrueType font") {
+        assert!(out.join("comparison.csv").exists());
+        eprintln!("no TrueType font on this machine: PNG checks skipped");
+        return;
+    }
     for name in ["delta_vs_layer.png", "delta_vs_coeff.png", "task_success.png"] {
         assert_eq!(png_size(&out.join(name)), (800, 500), "{name}");
         assert!(fs::metadata(out.join(name)).unwrap().len() > 5_000, "{name} looks blank");
