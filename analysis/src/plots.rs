@@ -39,12 +39,15 @@ pub fn init_font(explicit: Option<&Path>) -> Result<PathBuf> {
             tried.push(PathBuf::from(p));
         }
         tried.extend(FONT_CANDIDATES.iter().map(PathBuf::from));
-        for p in &tried {
+        for (i, p) in tried.iter().enumerate() {
             if let Ok(bytes) = std::fs::read(p) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
                 if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok() {
                     return Ok(p.clone());
                 }
+            }
+            if i == 0 && explicit.is_some() {
+                eprintln!("warning: --font {}: not a readable TrueType font; trying the defaults", p.display());
             }
         }
         Err(format!(
