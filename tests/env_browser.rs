@@ -47,7 +47,7 @@ fn find<'a>(obs: &'a Observation, what: &str, pred: impl Fn(&env::Element) -> bo
         .unwrap_or_else(|| panic!("no {what} in {}:\n{}", obs.utterance, dom::dom_to_text(&obs.elements, 500)))
 }
 
-fn button<'a>(obs: &'a Observation, label: &str) -> i64 {
+fn button(obs: &Observation, label: &str) -> i64 {
     find(obs, &format!("button {label:?}"), |e| e.tag == "BUTTON" && e.text.trim() == label).r#ref
 }
 

@@ -125,7 +125,10 @@ impl StepResult {
     }
 }
 
-const RESET_JS: &str = r#"
+// The scripts are macros so that `concat!` can join them into single round trips.
+macro_rules! reset_body {
+    () => {
+        r#"
 var seed = arguments[0], mode = arguments[1], maxTime = arguments[2];
 if (typeof core === 'undefined' || typeof core.startEpisodeReal !== 'function') return 'core.js is not loaded';
 if (typeof Math.seedrandom !== 'function') return 'seedrandom is missing';
@@ -135,14 +138,14 @@ Math.seedrandom(seed);
 core.setDataMode(mode);
 core.EPISODE_MAX_TIME = maxTime;
 core.startEpisodeReal();
-return true;
-"#;
+if (typeof WOB_TASK_READY !== 'undefined' && !WOB_TASK_READY) return false;
+"#
+    };
+}
 
-const READY_JS: &str = "return (typeof WOB_TASK_READY === 'undefined') ? true : !!WOB_TASK_READY;";
-
-const LOADED_JS: &str = "return document.readyState === 'complete' && typeof core !== 'undefined' && !!document.getElementById('sync-task-cover');";
-
-const OBSERVE_JS: &str = r#"
+macro_rules! observe_body {
+    () => {
+        r#"
 var u = core.getUtterance();
 var dom = core.getDOMInfo();
 var extra = {};
@@ -158,23 +161,28 @@ for (var r in core.previousDOMInfo) {
 }
 return {utterance: u, dom: dom, extra: extra, done: !!WOB_DONE_GLOBAL,
         t: core.ept0 ? (new Date().getTime() - core.ept0) : 0};
-"#;
+"#
+    };
+}
 
-const STATE_JS: &str = r#"
-return {done: !!WOB_DONE_GLOBAL, reward: +WOB_REWARD_GLOBAL, raw: +WOB_RAW_REWARD_GLOBAL,
-        reason: (WOB_REWARD_REASON === null || WOB_REWARD_REASON === undefined) ? null : String(WOB_REWARD_REASON)};
-"#;
+/// Runs a body that returns `true` or an error message, refusing to run once the episode is
+/// over, and returns `{err, done, reward, raw, reason}`.
+macro_rules! with_state {
+    ($body:expr) => {
+        concat!(
+            "var st = function (err) { return {err: err, done: !!WOB_DONE_GLOBAL, reward: +WOB_REWARD_GLOBAL, raw: +WOB_RAW_REWARD_GLOBAL, reason: (WOB_REWARD_REASON === null || WOB_REWARD_REASON === undefined) ? null : String(WOB_REWARD_REASON)}; };\n",
+            "if (WOB_DONE_GLOBAL) return st('the episode is already over');\n",
+            "var res = (function () {\n",
+            $body,
+            "\n}).apply(null, arguments);\n",
+            "return st(res === true ? null : String(res));\n"
+        )
+    };
+}
 
-const LOOKUP_JS: &str = r#"
-var r = arguments[0];
-var el = core.previousDOMInfo[r];
-if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
-if (el === undefined) return 'unknown ref ' + r;
-if (!el.isConnected) return 'ref ' + r + ' is no longer in the page';
-return true;
-"#;
-
-const CLICK_JS: &str = r#"
+macro_rules! click_body {
+    () => {
+        r#"
 var r = arguments[0];
 var el = core.previousDOMInfo[r];
 if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
@@ -182,9 +190,13 @@ if (el === undefined) return 'unknown ref ' + r;
 if (!el.isConnected) return 'ref ' + r + ' is no longer in the page';
 var res = core.elementClick(r);
 return res === true ? true : ('click failed: ' + String(res));
-"#;
+"#
+    };
+}
 
-const SELECT_JS: &str = r#"
+macro_rules! select_body {
+    () => {
+        r#"
 var r = arguments[0], want = arguments[1];
 var el = core.previousDOMInfo[r];
 if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
@@ -200,7 +212,26 @@ el.selectedIndex = idx;
 el.dispatchEvent(new Event('input', {bubbles: true}));
 el.dispatchEvent(new Event('change', {bubbles: true}));
 return true;
-"#;
+"#
+    };
+}
+
+/// Reset and first observation in one round trip (`false`: the task is not ready yet; a
+/// string: the page is broken).
+const RESET_JS: &str = concat!(reset_body!(), observe_body!());
+
+const READY_JS: &str = "return (typeof WOB_TASK_READY === 'undefined') ? true : !!WOB_TASK_READY;";
+
+const LOADED_JS: &str =
+    "return document.readyState === 'complete' && typeof core !== 'undefined' && !!document.getElementById('sync-task-cover');";
+
+const OBSERVE_JS: &str = observe_body!();
+
+const STATE_JS: &str = with_state!("return true;");
+
+const CLICK_JS: &str = with_state!(click_body!());
+
+const SELECT_JS: &str = with_state!(select_body!());
 
 const INSERT_TEXT_JS: &str = "return document.execCommand('insertText', false, arguments[0]);";
 
@@ -223,6 +254,14 @@ pub struct Session {
     boxes: HashMap<i64, (f64, f64, f64, f64)>,
     dead: bool,
     episodes: u64,
+}
+
+struct State {
+    err: Option<String>,
+    done: bool,
+    reward: f64,
+    raw: f64,
+    reason: Option<String>,
 }
 
 /// How an action-level WebDriver error is reported: in the StepResult, or as an EnvError.
@@ -392,38 +431,46 @@ impl Session {
             return Err(EnvError::UnknownTask(task.to_string()));
         }
         self.load(task).await?;
-        let r = self
-            .exec(RESET_JS, vec![json!(seed), json!(self.cfg.data_mode), json!(self.cfg.episode_max_time_ms)])
-            .await?;
-        if r != Value::Bool(true) {
+        let args = vec![json!(seed), json!(self.cfg.data_mode), json!(self.cfg.episode_max_time_ms)];
+        let mut v = self.exec(RESET_JS, args.clone()).await?;
+        if let Value::String(_) = v {
             // A page in a bad state: reload it once.
             self.loaded = None;
             self.load(task).await?;
-            let r = self
-                .exec(RESET_JS, vec![json!(seed), json!(self.cfg.data_mode), json!(self.cfg.episode_max_time_ms)])
-                .await?;
-            if r != Value::Bool(true) {
-                return Err(EnvError::Page(format!("reset failed: {r}")));
+            v = self.exec(RESET_JS, args).await?;
+            if let Value::String(m) = v {
+                return Err(EnvError::Page(format!("reset failed: {m}")));
             }
-        }
-        let t0 = Instant::now();
-        while self.exec(READY_JS, vec![]).await? != Value::Bool(true) {
-            if t0.elapsed() > Duration::from_secs(5) {
-                return Err(EnvError::Page("WOB_TASK_READY stayed false for 5 s".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.task = Some(task.to_string());
         self.seed = seed;
         self.start = Instant::now();
         self.episodes += 1;
-        self.observe().await
+        if v == Value::Bool(false) {
+            // Not ready yet (FlightWoB loads its site in a frame): poll, then observe.
+            let t0 = Instant::now();
+            while self.exec(READY_JS, vec![]).await? != Value::Bool(true) {
+                if t0.elapsed() > Duration::from_secs(5) {
+                    return Err(EnvError::Page("WOB_TASK_READY stayed false for 5 s".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return self.observe().await;
+        }
+        Ok(self.parse_observation(v))
     }
 
     /// The current observation of the running episode.
     pub async fn observe(&mut self) -> Result<Observation, EnvError> {
-        let task = self.task.clone().ok_or_else(|| EnvError::Page("observe() before reset()".into()))?;
+        if self.task.is_none() {
+            return Err(EnvError::Page("observe() before reset()".into()));
+        }
         let v = self.exec(OBSERVE_JS, vec![]).await?;
+        Ok(self.parse_observation(v))
+    }
+
+    fn parse_observation(&mut self, v: Value) -> Observation {
+        let task = self.task.clone().unwrap_or_default();
         let (utterance, fields) = match v.get("utterance") {
             Some(Value::String(s)) => (s.clone(), Vec::new()),
             Some(Value::Object(o)) => {
@@ -449,7 +496,7 @@ impl Session {
             flatten(root, None, 0, extra, &mut elements);
         }
         self.boxes = elements.iter().map(|e| (e.r#ref, (e.left, e.top, e.width, e.height))).collect();
-        Ok(Observation {
+        Observation {
             task,
             seed: self.seed,
             utterance,
@@ -457,7 +504,7 @@ impl Session {
             elements,
             episode_time_ms: v.get("t").and_then(Value::as_f64).unwrap_or(0.0),
             done: v.get("done").and_then(Value::as_bool).unwrap_or(false),
-        })
+        }
     }
 
     /// PNG of the task area (`#wrap`, 160×210 CSS px) at the browser's device scale.
@@ -496,72 +543,89 @@ impl Session {
         self.cfg.browser.device_scale.max(1)
     }
 
-    async fn state(&mut self) -> Result<(bool, f64, f64, Option<String>), EnvError> {
-        let v = self.exec(STATE_JS, vec![]).await?;
-        Ok((
-            v.get("done").and_then(Value::as_bool).unwrap_or(false),
-            v.get("reward").and_then(Value::as_f64).unwrap_or(0.0),
-            v.get("raw").and_then(Value::as_f64).unwrap_or(0.0),
-            v.get("reason").and_then(Value::as_str).map(str::to_string),
-        ))
+    /// Runs a `with_state!` script: `{err, done, reward, raw, reason}`.
+    async fn exec_state(&mut self, script: &str, args: Vec<Value>) -> Result<State, EnvError> {
+        match self.exec(script, args).await {
+            Ok(v) => Ok(State {
+                err: v.get("err").and_then(Value::as_str).map(str::to_string),
+                done: v.get("done").and_then(Value::as_bool).unwrap_or(false),
+                reward: v.get("reward").and_then(Value::as_f64).unwrap_or(0.0),
+                raw: v.get("raw").and_then(Value::as_f64).unwrap_or(0.0),
+                reason: v.get("reason").and_then(Value::as_str).map(str::to_string),
+            }),
+            Err(EnvError::Page(m)) => {
+                let mut st = Box::pin(self.exec_state(STATE_JS, vec![])).await?;
+                st.err = Some(format!("page error: {m}"));
+                Ok(st)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Performs one action and reads the reward. An action that cannot run is reported in
     /// `StepResult::error`; `Err` means the browser itself failed (see [`EnvError::is_retryable`]).
+    ///
+    /// Clicks and selects by ref take one WebDriver round trip (check, act and read the reward
+    /// in one script); typing, keys and coordinate clicks take three.
     pub async fn act(&mut self, action: &Action) -> Result<StepResult, EnvError> {
         if self.task.is_none() {
             return Err(EnvError::Page("act() before reset()".into()));
         }
-        let (done_before, ..) = self.state().await?;
-        let error = if done_before {
-            Some("the episode is already over".to_string())
-        } else {
-            match self.perform(action).await {
-                Ok(()) => None,
-                Err(Fail::Action(m)) => Some(m),
-                Err(Fail::Env(e)) => return Err(e),
+        let st = match action {
+            Action::ClickRef(r) if *r >= 0 => self.exec_state(CLICK_JS, vec![json!(r)]).await?,
+            Action::SelectRef { r#ref, option } => {
+                self.exec_state(SELECT_JS, vec![json!(r#ref), json!(option)]).await?
+            }
+            Action::TypeRef { r#ref, .. } if *r#ref < 0 => {
+                let mut st = self.exec_state(STATE_JS, vec![]).await?;
+                st.err.get_or_insert_with(|| format!("ref {} is a text fragment; it cannot take input", r#ref));
+                st
+            }
+            Action::TypeRef { r#ref, text } => {
+                let st = self.exec_state(CLICK_JS, vec![json!(r#ref)]).await?;
+                if st.err.is_some() {
+                    st
+                } else {
+                    let err = outcome(self.type_text(text).await)?;
+                    let mut st = self.exec_state(STATE_JS, vec![]).await?;
+                    st.err = err;
+                    st
+                }
+            }
+            _ => {
+                let before = self.exec_state(STATE_JS, vec![]).await?;
+                if before.err.is_some() {
+                    before
+                } else {
+                    let err = outcome(self.perform(action).await)?;
+                    let mut st = self.exec_state(STATE_JS, vec![]).await?;
+                    st.err = err;
+                    st
+                }
             }
         };
-        let (done, reward, raw_reward, reason) = self.state().await?;
         Ok(StepResult {
             action: action.to_string(),
-            raw_reward,
-            reward,
-            done,
-            reason,
-            error,
+            raw_reward: st.raw,
+            reward: st.reward,
+            done: st.done,
+            reason: st.reason,
+            error: st.err,
             elapsed_ms: self.start.elapsed().as_secs_f64() * 1000.0,
         })
     }
 
+    /// Actions that are not a single script: coordinates, typing into the focus, keys.
     async fn perform(&mut self, action: &Action) -> Result<(), Fail> {
         match action {
             Action::NoOp => Ok(()),
-            Action::ClickRef(r) if *r < 0 => {
+            Action::ClickRef(r) => {
                 let (x, y, w, h) = *self.boxes.get(r).ok_or_else(|| Fail::Action(format!("unknown ref {r}")))?;
                 self.click_at(x + w / 2.0, y + h / 2.0).await
             }
-            Action::ClickRef(r) => {
-                self.exec_action(CLICK_JS, vec![json!(r)]).await?.map_or(Ok(()), |m| Err(Fail::Action(m)))
-            }
             Action::ClickAt { x, y } => self.click_at(*x, *y).await,
-            Action::TypeRef { r#ref, text } => {
-                if *r#ref < 0 {
-                    return Err(Fail::Action(format!("ref {} is a text fragment; it cannot take input", r#ref)));
-                }
-                if let Some(m) = self.exec_action(LOOKUP_JS, vec![json!(r#ref)]).await? {
-                    return Err(Fail::Action(m));
-                }
-                if let Some(m) = self.exec_action(CLICK_JS, vec![json!(r#ref)]).await? {
-                    return Err(Fail::Action(m));
-                }
-                self.type_text(text).await
-            }
+            Action::TypeRef { .. } | Action::SelectRef { .. } => unreachable!("handled in act"),
             Action::TypeFocused { text } => self.type_text(text).await,
-            Action::SelectRef { r#ref, option } => self
-                .exec_action(SELECT_JS, vec![json!(r#ref), json!(option)])
-                .await?
-                .map_or(Ok(()), |m| Err(Fail::Action(m))),
             Action::PressKey { key } => {
                 let chord = parse_key_chord(key).map_err(|e| Fail::Action(e.to_string()))?;
                 let mut k = KeyActions::new("keyboard".into());
@@ -655,6 +719,14 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+fn outcome(r: Result<(), Fail>) -> Result<Option<String>, EnvError> {
+    match r {
+        Ok(()) => Ok(None),
+        Err(Fail::Action(m)) => Ok(Some(m)),
+        Err(Fail::Env(e)) => Err(e),
     }
 }
 
