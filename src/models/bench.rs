@@ -34,6 +34,12 @@ pub struct BenchDecodeArgs {
     /// Skip the Python peer.
     #[arg(long)]
     pub no_peer: bool,
+    /// Batch sizes to measure (rows decoded together, as a paired episode's baseline and steered rows).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub batch: Vec<usize>,
+    /// Weight dtypes to measure in this invocation (default: --dtype), e.g. f32,gguf.
+    #[arg(long, value_delimiter = ',')]
+    pub dtypes: Vec<crate::models::WeightDType>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,28 +53,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(d: &Decoder, prompt: &[u32], new_tokens: usize, spec: &HookSpec, reps: usize) -> Result<Speed> {
+/// Prefill and decode tokens/s over all rows of a batch of `batch` copies of `prompt`.
+fn measure(
+    d: &Decoder,
+    prompt: &[u32],
+    batch: usize,
+    new_tokens: usize,
+    spec: &HookSpec,
+    reps: usize,
+) -> Result<Speed> {
     let mut pre = Vec::new();
     let mut dec = Vec::new();
+    let prompts = vec![prompt.to_vec(); batch];
     // One untimed warm-up, then `reps` timed runs.
     for rep in 0..=reps {
-        let (ids, pads) = left_pad(&[prompt.to_vec()], 0, d.device())?;
+        let (ids, pads) = left_pad(&prompts, 0, d.device())?;
         let mut st = d.new_state(pads.clone());
         let mut caps = Captures::default();
         let t0 = Instant::now();
         let logits = d.forward(&ids, &mut st, &StepInfo::prefill(pads), spec, &mut caps, false)?;
-        let mut next = logits.squeeze(0)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let mut next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
+        next.to_vec2::<u32>()?;
         let t_pre = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..new_tokens {
-            let ids = Tensor::new(&[[next]], d.device())?;
-            let logits = d.forward(&ids, &mut st, &StepInfo::decode(1), spec, &mut caps, false)?;
-            next = logits.squeeze(0)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            let logits = d.forward(&next, &mut st, &StepInfo::decode(batch), spec, &mut caps, false)?;
+            next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
+            // Reading the ids back is part of every real decode step.
+            next.to_vec2::<u32>()?;
         }
         let t_dec = t1.elapsed().as_secs_f64();
         if rep > 0 {
-            pre.push(prompt.len() as f64 / t_pre);
-            dec.push(new_tokens as f64 / t_dec);
+            pre.push((batch * prompt.len()) as f64 / t_pre);
+            dec.push((batch * new_tokens) as f64 / t_dec);
         }
     }
     Ok(Speed { prefill: median(pre), decode: median(dec) })
@@ -103,76 +120,85 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     // Must happen before candle's first parallel kernel reads it.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let resolved = registry::resolve(&a.model.model)?;
-    let m = a.model.load()?;
-    let d = &m.decoder;
-    let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
-    // A deterministic prompt of exactly `prompt_tokens` tokens.
-    let base = "The quick brown fox jumps over the lazy dog while the web agent clicks the submit button. ";
-    let mut ids = Vec::new();
-    while ids.len() < a.prompt_tokens {
-        ids.extend(m.tokenizer.encode(base, false)?);
-    }
-    ids.truncate(a.prompt_tokens);
-    let v = Tensor::randn(0f32, 1f32, d.cfg.hidden_size, &Device::Cpu)?;
-    let v = (&v / v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
-    let configs = [
-        ("none", HookSpec::none()),
-        ("steer", HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![a.coeff], Positions::Last)),
-        ("zero", HookSpec::none().add(HookPoint::ResidPost(layer), v, vec![0.0], Positions::Last)),
-    ];
+    let dtypes = if a.dtypes.is_empty() { vec![a.model.dtype] } else { a.dtypes.clone() };
     let python = a.python.clone().or_else(|| {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
         p.exists().then_some(p)
     });
-    println!(
-        "model {} ({}), dtype {}, threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
-        m.info.name,
-        m.info.checkpoint,
-        m.info.dtype,
-        a.threads,
-        a.prompt_tokens,
-        a.new_tokens,
-        HookPoint::ResidPost(layer),
-        a.coeff,
-        a.reps
-    );
-    println!("| hook | ours prefill tok/s | ours decode tok/s | peer prefill tok/s | peer decode tok/s | prefill ratio | decode ratio |");
-    println!("|---|---|---|---|---|---|---|");
-    let mut ours_none = None;
-    for (name, spec) in &configs {
-        let s = measure(d, &ids, a.new_tokens, spec, a.reps)?;
-        if *name == "none" {
-            ours_none = Some(s);
+    let mut peer_speeds: std::collections::HashMap<&str, Option<Speed>> = Default::default();
+    let mut header = false;
+    for dtype in dtypes {
+        let args = ModelArgs { dtype, ..a.model.clone() };
+        let m = args.load()?;
+        let d = &m.decoder;
+        let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
+        // A deterministic prompt of exactly `prompt_tokens` tokens.
+        let base = "The quick brown fox jumps over the lazy dog while the web agent clicks the submit button. ";
+        let mut ids = Vec::new();
+        while ids.len() < a.prompt_tokens {
+            ids.extend(m.tokenizer.encode(base, false)?);
         }
-        let p = match (&python, a.no_peer) {
-            (Some(py), false) => match peer(&a, py, &resolved.location, layer, name) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!("peer skipped: {e:#}");
-                    None
-                }
-            },
-            _ => None,
-        };
-        let (pp, pd, rp, rd) = match p {
-            Some(p) => (
-                format!("{:.1}", p.prefill),
-                format!("{:.1}", p.decode),
-                format!("{:.2}x", s.prefill / p.prefill),
-                format!("{:.2}x", s.decode / p.decode),
-            ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
-        };
-        println!("| {name} | {:.1} | {:.1} | {pp} | {pd} | {rp} | {rd} |", s.prefill, s.decode);
+        ids.truncate(a.prompt_tokens);
+        let v = Tensor::randn(0f32, 1f32, d.cfg.hidden_size, &Device::Cpu)?;
+        let v = (&v / v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
+        if !header {
+            println!(
+                "model {} ({}), threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
+                m.info.name,
+                m.info.checkpoint,
+                a.threads,
+                a.prompt_tokens,
+                a.new_tokens,
+                HookPoint::ResidPost(layer),
+                a.coeff,
+                a.reps
+            );
+            println!("tokens/s count every row of the batch; the peer (transformers f32, eager) runs batch 1");
+            println!("| dtype | batch | hook | ours prefill tok/s | ours decode tok/s | peer prefill tok/s | peer decode tok/s | prefill ratio | decode ratio |");
+            println!("|---|---|---|---|---|---|---|---|---|");
+            header = true;
+        }
+        for &batch in &a.batch {
+            let configs = [
+                ("none", HookSpec::none()),
+                (
+                    "steer",
+                    HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![a.coeff; batch], Positions::Last),
+                ),
+                (
+                    "zero",
+                    HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![0.0; batch], Positions::Last),
+                ),
+            ];
+            for (name, spec) in &configs {
+                let s = measure(d, &ids, batch, a.new_tokens, spec, a.reps)?;
+                let p = match (&python, a.no_peer, batch) {
+                    (Some(py), false, 1) => *peer_speeds.entry(name).or_insert_with(|| {
+                        peer(&a, py, &resolved.location, layer, name).map_err(|e| eprintln!("peer skipped: {e:#}")).ok()
+                    }),
+                    _ => None,
+                };
+                let (pp, pd, rp, rd) = match p {
+                    Some(p) => (
+                        format!("{:.1}", p.prefill),
+                        format!("{:.1}", p.decode),
+                        format!("{:.2}x", s.prefill / p.prefill),
+                        format!("{:.2}x", s.decode / p.decode),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                println!(
+                    "| {} | {batch} | {name} | {:.1} | {:.1} | {pp} | {pd} | {rp} | {rd} |",
+                    dtype.name(),
+                    s.prefill,
+                    s.decode
+                );
+            }
+        }
     }
     if python.is_none() && !a.no_peer {
         println!("(peer not run: no target/py venv; create it with scripts/goldens/venv.sh)");
     }
-    if let Some(n) = ours_none {
-        println!(
-            "steering overhead is the ratio of the `steer` row to the `none` row (decode {:.1} tok/s without a hook)",
-            n.decode
-        );
-    }
+    println!("steering overhead = `steer` row / `none` row of the same dtype and batch");
     Ok(())
 }

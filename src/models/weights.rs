@@ -114,6 +114,21 @@ impl Linear {
     }
 }
 
+/// candle's CPU quantized matmul has SIMD kernels for Q4_0, Q8_0 and the k-quants, but not for
+/// Q4_1, Q5_0 or Q5_1 (a scalar loop, several times slower than f32). Those are re-quantized at
+/// load to Q8_0, which is nearly lossless over a 4-5 bit source and keeps the weights small.
+fn requantize_for_speed(q: QTensor) -> Result<QTensor> {
+    match q.dtype() {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+            if q.shape().dims().last().is_some_and(|&n| n % 32 == 0) =>
+        {
+            let t = q.dequantize(&Device::Cpu)?;
+            Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?)
+        }
+        _ => Ok(q),
+    }
+}
+
 /// What dtype to hold weights and activations in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightDType {
@@ -338,6 +353,7 @@ impl Weights {
                     return Err(self.shape_error(name, &expected, q.shape().dims()));
                 }
                 let q = self.unpermute_q(name, q)?;
+                let q = requantize_for_speed(q)?;
                 let q = if self.device.is_cpu() {
                     q
                 } else {
