@@ -13,11 +13,14 @@ pub enum BenchWhich {
     Decode(crate::models::bench::BenchDecodeArgs),
     /// MiniWoB episodes/s (reset + observe + click + reward) with 1 and 2 browser sessions.
     Env(crate::env::bench::BenchEnvArgs),
+    /// Paired exp12 episodes per minute (baseline + steered), beside the Python loop (scripts/peer/exp12_loop.py).
+    Episodes(crate::experiment::bench::BenchEpisodesArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.which {
         BenchWhich::Decode(d) => crate::models::bench::run(d),
         BenchWhich::Env(e) => crate::env::bench::run(e),
+        BenchWhich::Episodes(e) => crate::experiment::bench::run(e),
     }
 }

@@ -28,6 +28,8 @@ enum Command {
     Observe(miniwob_steer::env::cli::ObserveArgs),
     /// Reset a task, run actions in order and print a StepResult per action.
     Play(miniwob_steer::env::cli::PlayArgs),
+    /// Paired baseline/steered MiniWoB episodes (exp12): vector from training episodes, then evaluation.
+    Run(miniwob_steer::experiment::RunArgs),
 }
 
 fn main() -> Result<()> {
@@ -45,5 +47,6 @@ fn main() -> Result<()> {
         Command::Tasks(a) => miniwob_steer::env::cli::run_tasks(a),
         Command::Observe(a) => miniwob_steer::env::cli::run_observe(a),
         Command::Play(a) => miniwob_steer::env::cli::run_play(a),
+        Command::Run(a) => miniwob_steer::experiment::run::run(a),
     }
 }

@@ -808,7 +808,7 @@ async fn evaluate(
         GeneratorConfig {
             max_new_tokens: s.max_new_tokens,
             max_batch_rows: (s.concurrency * (1 + s.coeffs.len())).max(2),
-            linger: Duration::from_millis(15),
+            linger: Duration::from_millis(250),
         },
     );
     let t_eval = Instant::now();
