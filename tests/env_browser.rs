@@ -347,3 +347,14 @@ fn screenshots_and_set_of_marks() {
         std::fs::write(&out, &som).unwrap();
     })
 }
+
+#[test]
+fn flight_task_gives_fields() {
+    with_session(async |s| {
+        let o = s.reset("flight.AA", 1).await.unwrap();
+        assert!(o.fields.iter().any(|(k, v)| k == "Departure City" && !v.is_empty()), "{:?}", o.fields);
+        assert!(o.elements.len() > 20);
+        let again = s.reset("flight.AA", 1).await.unwrap();
+        assert_eq!(o.fields, again.fields);
+    })
+}

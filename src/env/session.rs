@@ -489,6 +489,22 @@ impl Session {
             }
             _ => (String::new(), Vec::new()),
         };
+        // FlightWoB's utterance is a JSON object of fields (as the Python gym's extractor reads it).
+        let fields = if fields.is_empty() && task.starts_with("flight.") {
+            match serde_json::from_str::<serde_json::Map<String, Value>>(&utterance) {
+                Ok(m) => {
+                    let mut f: Vec<(String, String)> = m
+                        .into_iter()
+                        .map(|(k, v)| (k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                        .collect();
+                    f.sort();
+                    f
+                }
+                Err(_) => fields,
+            }
+        } else {
+            fields
+        };
         let mut elements = Vec::new();
         let empty = serde_json::Map::new();
         let extra = v.get("extra").and_then(Value::as_object).unwrap_or(&empty);
