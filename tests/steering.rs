@@ -260,3 +260,45 @@ print(arch, hint, count, d.tensor_type.name, len(d.data), float(d.data[0]))
     let e = SteeringVector::import_gguf(&g, &info).unwrap_err().to_string();
     assert!(e.contains("direction.15") && e.contains("10 layers"), "{e}");
 }
+
+#[test]
+fn vector_from_miniwob_episodes_via_the_cli() {
+    // Real Chromium: 4 training episodes over two tasks, prompts from the runner's prompt builder.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ep.safetensors");
+    let gguf = common::gguf_path("smollm2-135m");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(["vector", "--model", gguf.to_str().unwrap(), "--pair", "accuracy", "--layer", "15"])
+        .args(["--tasks", "click-test,click-button", "--train-steps", "4", "--seed", "3", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "vector --tasks failed");
+    let v = SteeringVector::load(&out).unwrap();
+    assert_eq!(v.meta.samples, 4);
+    assert_eq!(v.meta.pair, "accuracy");
+    let n = v.layers[&15].sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    assert!((n - 1.0).abs() < 1e-5);
+    // Different training prompts (the built-in texts) give a different direction.
+    let texts = dir.path().join("texts.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args([
+            "vector",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--pair",
+            "accuracy",
+            "--layer",
+            "15",
+            "--train-steps",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&texts)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let w = SteeringVector::load(&texts).unwrap();
+    let cos = generate::cosine(&v.layers[&15], &w.layers[&15]).unwrap();
+    assert!(cos < 0.9999, "episode prompts gave the same vector as the text prompts (cosine {cos})");
+}

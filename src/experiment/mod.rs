@@ -5,6 +5,7 @@ pub mod config;
 pub mod plan;
 pub mod results;
 pub mod run;
+pub mod vector;
 
 pub use plan::{Item, Shard};
 pub use results::{EpisodeLine, ResultsFile};

@@ -452,7 +452,7 @@ fn vector_cache_path(s: &Settings, explicit: Option<&Path>, layer: usize, model:
     ))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -460,13 +460,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-fn env_config() -> EnvConfig {
+pub(crate) fn env_config() -> EnvConfig {
     // Generation time counts against the page's clock; keep the limit far away.
     EnvConfig { episode_max_time_ms: 600_000, ..EnvConfig::default() }
 }
 
 /// Observations of the training episodes (reset only), in order.
-async fn training_observations(pool: &Pool, items: &[(String, u64)]) -> Result<Vec<Observation>> {
+pub(crate) async fn training_observations(pool: &Pool, items: &[(String, u64)]) -> Result<Vec<Observation>> {
     let mut set = tokio::task::JoinSet::new();
     for (i, (task, seed)) in items.iter().cloned().enumerate() {
         let pool = pool.clone();

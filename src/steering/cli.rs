@@ -61,9 +61,17 @@ pub struct ComputeArgs {
     /// Training prompts: JSONL with a `text` field per line (default: experiments/caa_texts.jsonl).
     #[arg(long)]
     pub texts: Option<PathBuf>,
-    /// Use at most this many training prompts.
+    /// Use at most this many training prompts; with --tasks, the number of MiniWoB training
+    /// episodes spread over the tasks (default 50).
     #[arg(long)]
     pub train_steps: Option<usize>,
+    /// Build the training prompts from MiniWoB episodes of these tasks (`all` = the exp12 set),
+    /// with the runner's prompt builder, instead of --texts.
+    #[arg(long, conflicts_with = "texts")]
+    pub tasks: Option<String>,
+    /// Seed of the training episodes' seeds (as `run --seed`).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 32)]
@@ -137,9 +145,15 @@ fn compute(a: ComputeArgs) -> Result<()> {
         Some(names) => names.iter().map(|n| pairs::find(&all, n).cloned()).collect::<Result<_>>()?,
         None => vec![pair.clone()],
     };
+    let tasks = a.tasks.as_deref().map(crate::experiment::run::parse_tasks).transpose()?;
     let mut vs = Vec::new();
     for p in &members {
-        let prompts = caa::pair_prompts(&m, &texts, p)?;
+        let prompts = match &tasks {
+            Some(tasks) => {
+                crate::experiment::vector::episode_pairs(&m, tasks, a.train_steps.unwrap_or(50), a.seed, p, 2)?
+            }
+            None => caa::pair_prompts(&m, &texts, p)?,
+        };
         tracing::info!(pair = %p.name, samples = prompts.len(), method = a.method.name(), "computing vector");
         vs.push(caa::compute(&m, &prompts, &p.name, &opts)?);
     }
