@@ -147,7 +147,7 @@ impl DecoderConfig {
         let text_type = get(&v, "model_type").and_then(|m| m.as_str()).unwrap_or(model_type);
         let family = match (text_type, model_type, arch) {
             (t, _, _) if t.starts_with("gemma2") => Family::Gemma2,
-            (t, _, _) if t == "gemma" => Family::Gemma,
+            ("gemma", _, _) => Family::Gemma,
             (t, _, _) if t.starts_with("qwen2") => Family::Qwen2,
             (t, _, _) if t == "llama" || t == "smollm" || t == "smollm2" => Family::Llama,
             (_, _, a) if a.starts_with("Gemma2") => Family::Gemma2,

@@ -168,7 +168,7 @@ fn compute(a: ComputeArgs) -> Result<()> {
         v.meta.samples
     );
     if let Some(g) = &a.export_gguf {
-        v.export_gguf(g, &m.decoder.cfg.family.name().replace("gemma2", "gemma2"))?;
+        v.export_gguf(g, m.decoder.cfg.family.name())?;
         eprintln!("wrote {}", g.display());
     }
     Ok(())

@@ -40,7 +40,7 @@ pub struct SteeringVector {
 
 pub fn unit(t: &Tensor) -> Result<(Tensor, f32)> {
     let n = t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    if !(n > 0.0) || !n.is_finite() {
+    if n.is_nan() || n <= 0.0 || !n.is_finite() {
         bail!("cannot normalise a vector of norm {n}");
     }
     Ok(((t / n as f64)?, n))
