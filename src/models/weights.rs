@@ -108,7 +108,12 @@ pub enum Linear {
 impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Linear::Dense(w) => xs.broadcast_matmul(&w.t()?)?,
+            // One 2-D matmul over all rows: a batched (broadcast) matmul re-reads the weight for
+            // every batch row, which made decode cost grow linearly with the batch.
+            Linear::Dense(w) => match xs.dims() {
+                [b, s, h] => xs.reshape((b * s, *h))?.matmul(&w.t()?)?.reshape((*b, *s, ()))?,
+                _ => xs.broadcast_matmul(&w.t()?)?,
+            },
             Linear::Quant(q) => q.forward(xs)?,
         })
     }
