@@ -235,6 +235,12 @@ impl Settings {
 }
 
 /// `git describe` of the harness source tree, else the crate version.
+/// α as the user wrote it: the shortest decimal that round-trips the f32 (`0.1`, not the
+/// `0.10000000149011612` that a widening cast writes into JSON and resume keys).
+pub fn coeff_f64(c: f32) -> f64 {
+    c.to_string().parse().unwrap_or(c as f64)
+}
+
 pub fn harness_version() -> String {
     static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     V.get_or_init(|| {
@@ -272,7 +278,7 @@ impl RunMeta {
             task,
             seed,
             condition,
-            coeff as f64,
+            coeff_f64(coeff),
             self.layer,
             self.prompt_pair.as_deref(),
             self.vector_method.as_deref(),
@@ -288,7 +294,7 @@ impl RunMeta {
             dtype: self.info.dtype.clone(),
             layer: self.layer,
             hook_point: self.layer.map(|l| HookPoint::ResidPost(l).to_string()),
-            coeff: ep.coeff as f64,
+            coeff: coeff_f64(ep.coeff),
             coeff_mode: match self.coeff_mode {
                 CoeffMode::Absolute => "absolute".into(),
                 CoeffMode::Relative => "relative".into(),
@@ -897,4 +903,15 @@ async fn evaluate(
     );
     pool.shutdown().await;
     Ok((failed, written, vector_hash, eval_s))
+}
+
+#[cfg(test)]
+mod coeff_tests {
+    #[test]
+    fn coefficients_are_written_as_typed() {
+        assert_eq!(super::coeff_f64(0.1), 0.1);
+        assert_eq!(super::coeff_f64(-1.5), -1.5);
+        assert_eq!(super::coeff_f64(3.0), 3.0);
+        assert_eq!(crate::experiment::results::fmt_coeff(super::coeff_f64(0.1)), "0.1");
+    }
 }
