@@ -1,21 +1,18 @@
 //! The candle decoder against transformers references for tiny seeded random models of every
 //! family (tests/fixtures/tiny-*, made by scripts/goldens/make_goldens.py).
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use miniwob_steer::models::decoder::Decoder;
 use miniwob_steer::models::generate::{self, GenerateConfig};
 use miniwob_steer::models::load::decoder_from_dir;
 use miniwob_steer::models::{Captures, HookPoint, HookSpec, Positions, StepInfo, WeightDType};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 const FAMILIES: [&str; 4] = ["tiny-llama", "tiny-qwen2", "tiny-gemma", "tiny-gemma2"];
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
 fn load(name: &str) -> (Decoder, HashMap<String, Tensor>) {
-    let dir = fixture(name);
+    let dir = common::fixture(name);
     let (d, _) = decoder_from_dir(&dir, &Device::Cpu, WeightDType::F32).unwrap();
     let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     (d, r)
@@ -208,22 +205,24 @@ fn left_padded_batch_matches_single_runs() {
             assert_eq!(batch[row].tokens, single[0].tokens, "{fam}: row {row} differs when batched with padding");
         }
         // Last-position logits agree numerically too.
-        let (l_batch, _, _) =
-            generate::prefill(&d, &[r_ids(&r), r_ids(&r)[3..].to_vec()], 0, &HookSpec::none()).unwrap();
-        let (l_one, _, _) = generate::prefill(&d, &[r_ids(&r)[3..].to_vec()], 0, &HookSpec::none()).unwrap();
+        let (l_batch, _, _) = generate::prefill(
+            &d,
+            &[ids_of(&r, "input_ids"), ids_of(&r, "input_ids")[3..].to_vec()],
+            0,
+            &HookSpec::none(),
+        )
+        .unwrap();
+        let (l_one, _, _) =
+            generate::prefill(&d, &[ids_of(&r, "input_ids")[3..].to_vec()], 0, &HookSpec::none()).unwrap();
         let e = rel_err(&l_batch.get(1).unwrap(), &l_one.get(0).unwrap());
         assert!(e < 1e-5, "{fam}: padded row logits differ by {e}");
     }
 }
 
-fn r_ids(r: &HashMap<String, Tensor>) -> Vec<u32> {
-    ids_of(r, "input_ids")
-}
-
 #[test]
 fn forked_prefix_state_continues_like_a_full_prefill() {
     let (d, r) = load("tiny-qwen2");
-    let ids = r_ids(&r);
+    let ids = ids_of(&r, "input_ids");
     let split = ids.len() - 4;
     // Full prefill.
     let (full, _, _) = generate::prefill(&d, std::slice::from_ref(&ids), 0, &HookSpec::none()).unwrap();
@@ -246,7 +245,7 @@ fn forked_prefix_state_continues_like_a_full_prefill() {
 #[test]
 fn shape_mismatch_names_tensor_and_shapes() {
     // Copy a tiny model and lie about the intermediate size in its config.
-    let src = fixture("tiny-llama");
+    let src = common::fixture("tiny-llama");
     let tmp = tempfile::tempdir().unwrap();
     for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         if src.join(f).exists() {

@@ -4,7 +4,7 @@ use super::config::{Activation, DecoderConfig, RopeScaling};
 use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
 use super::weights::{LayerTensor as L, Linear, Name, Weights};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 struct Attention {
     q: Linear,
@@ -405,9 +405,5 @@ impl Decoder {
             bail!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size);
         }
         Ok(())
-    }
-
-    pub fn embed_dim(&self) -> usize {
-        self.embed.dim(D::Minus1).unwrap_or(self.cfg.hidden_size)
     }
 }

@@ -3,7 +3,6 @@ use super::caa::{self, CaaOptions, Method};
 use super::pairs;
 use super::vector::SteeringVector;
 use crate::models::cli::ModelArgs;
-use crate::models::registry;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -191,6 +190,5 @@ fn inspect(file: &Path, compare: Option<&Path>) -> Result<()> {
             }
         }
     }
-    let _ = registry::DEFAULT_MODEL;
     Ok(())
 }
