@@ -343,6 +343,24 @@ impl Decoder {
         caps: &mut Captures,
         all_logits: bool,
     ) -> Result<Tensor> {
+        self.forward_embeds_rope(xs, state, step, spec, caps, all_logits, None)
+    }
+
+    /// [`forward_embeds`](Self::forward_embeds) with the rotary tables given per position:
+    /// `rope = (cos, sin)`, each `[batch, seq, head_dim/2]` in the activation dtype. Qwen2-VL's
+    /// M-RoPE gives image tokens 2-D positions and text a shifted 1-D position, which a column
+    /// index cannot express; `None` uses the usual 1-D positions (column minus left padding).
+    #[allow(clippy::too_many_arguments)] // forward_embeds' arguments plus the override
+    pub fn forward_embeds_rope(
+        &self,
+        xs: Tensor,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, seq, _) = xs.dims3()?;
         if b != state.batch() {
@@ -356,7 +374,16 @@ impl Decoder {
         if hooked && spec.touches(HookPoint::Embed) {
             xs = hooks::apply(spec, HookPoint::Embed, xs, step, caps)?;
         }
-        let (cos, sin) = self.rope_tables(state, seq)?;
+        let (cos, sin) = match rope {
+            Some((cos, sin)) => {
+                let want = [b, seq, self.inv_freq.len()];
+                if cos.dims() != want || sin.dims() != want {
+                    bail!("rotary tables have shapes {:?} / {:?}, expected {want:?}", cos.dims(), sin.dims());
+                }
+                (cos, sin)
+            }
+            None => self.rope_tables(state, seq)?,
+        };
         let full_mask = self.mask(state, seq, None)?;
         let window_mask = match cfg.sliding_window {
             Some(w) => self.mask(state, seq, Some(w))?,

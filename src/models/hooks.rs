@@ -79,6 +79,10 @@ pub enum Positions {
     Prompt,
     /// Generated positions only (decode steps).
     Generated,
+    /// Image-token positions of the prompt (VLMs; prefill only). Needs [`StepInfo::modality`].
+    Image,
+    /// Text positions: real prompt tokens that are not image tokens, and every generated token.
+    Text,
 }
 
 impl FromStr for Positions {
@@ -89,7 +93,11 @@ impl FromStr for Positions {
             "all" => Positions::All,
             "prompt" => Positions::Prompt,
             "generated" => Positions::Generated,
-            other => bail!("unknown position selector `{other}`: expected last, all, prompt or generated"),
+            "image" => Positions::Image,
+            "text" => Positions::Text,
+            other => {
+                bail!("unknown position selector `{other}`: expected last, all, prompt, generated, image or text")
+            }
         })
     }
 }
@@ -101,6 +109,8 @@ impl fmt::Display for Positions {
             Positions::All => "all",
             Positions::Prompt => "prompt",
             Positions::Generated => "generated",
+            Positions::Image => "image",
+            Positions::Text => "text",
         })
     }
 }
@@ -186,14 +196,22 @@ pub struct StepInfo {
     /// Number of left-padding columns per row (prefill only; decode positions are all real).
     pub left_pad: Vec<usize>,
     pub is_prefill: bool,
+    /// Per row, per column of this call: is it an image token? (VLM prefill; `None` = all text.)
+    /// Read by the `image` and `text` selectors.
+    pub modality: Option<Vec<Vec<bool>>>,
 }
 
 impl StepInfo {
     pub fn prefill(left_pad: Vec<usize>) -> Self {
-        Self { left_pad, is_prefill: true }
+        Self { left_pad, is_prefill: true, modality: None }
     }
     pub fn decode(batch: usize) -> Self {
-        Self { left_pad: vec![0; batch], is_prefill: false }
+        Self { left_pad: vec![0; batch], is_prefill: false, modality: None }
+    }
+    /// This step with per-row image-token masks (`[row][column]`), for the `image`/`text` selectors.
+    pub fn with_modality(mut self, image: Vec<Vec<bool>>) -> Self {
+        self.modality = Some(image);
+        self
     }
 
     /// `[seq]` 0/1 mask of the positions selected for one row in this call, or None when no
@@ -207,6 +225,20 @@ impl StepInfo {
             (Positions::Generated, true) | (Positions::Prompt, false) => return None,
             (Positions::Last, false) | (Positions::All, false) | (Positions::Generated, false) => {
                 m.iter_mut().for_each(|x| *x = 1.0)
+            }
+            (Positions::Image, false) => return None,
+            (Positions::Image, true) | (Positions::Text, _) => {
+                let image = self.modality.as_ref().and_then(|m| m.get(row));
+                for (c, x) in m.iter_mut().enumerate() {
+                    let is_image = image.and_then(|r| r.get(c)).copied().unwrap_or(false);
+                    // Padding columns are neither; decode steps are generated text.
+                    let real = !self.is_prefill || c >= pad;
+                    let want = if positions == Positions::Image { is_image } else { !is_image };
+                    *x = if real && want { 1.0 } else { 0.0 };
+                }
+                if m.iter().all(|&x| x == 0.0) {
+                    return None;
+                }
             }
         }
         Some(m)
@@ -300,5 +332,20 @@ mod tests {
         assert_eq!(d.row_mask(Positions::Generated, 0, 1), Some(vec![1.]));
         assert_eq!(d.row_mask(Positions::Last, 0, 1), Some(vec![1.]));
         assert_eq!(d.row_mask(Positions::Prompt, 0, 1), None);
+    }
+
+    #[test]
+    fn modality_masks() {
+        let s = StepInfo::prefill(vec![1, 0])
+            .with_modality(vec![vec![false, false, true, true, false], vec![false, true, true, false, false]]);
+        assert_eq!(s.row_mask(Positions::Image, 0, 5), Some(vec![0., 0., 1., 1., 0.]));
+        assert_eq!(s.row_mask(Positions::Text, 0, 5), Some(vec![0., 1., 0., 0., 1.]));
+        assert_eq!(s.row_mask(Positions::Image, 1, 5), Some(vec![0., 1., 1., 0., 0.]));
+        // No image in a text-only row: the image selector selects nothing.
+        assert_eq!(StepInfo::prefill(vec![0]).row_mask(Positions::Image, 0, 3), None);
+        assert_eq!(StepInfo::decode(1).row_mask(Positions::Image, 0, 1), None);
+        assert_eq!(StepInfo::decode(1).row_mask(Positions::Text, 0, 1), Some(vec![1.]));
+        assert_eq!("image".parse::<Positions>().unwrap(), Positions::Image);
+        assert_eq!(Positions::Text.to_string(), "text");
     }
 }

@@ -1,0 +1,13 @@
+//! Qwen2-VL (vision-language) on the shared decoder: `config` (both config.json layouts),
+//! `processor` (image → patches), `vision` (ViT with 2-D RoPE and the 2×2 merger), `rope`
+//! (M-RoPE position ids and tables), `model` (embedding scatter, prefill, decoding, chat).
+//! docs/qwen2-vl.md has the details and the tolerances.
+pub mod config;
+pub mod model;
+pub mod processor;
+pub mod rope;
+pub mod vision;
+
+pub use config::Qwen2VlConfig;
+pub use model::{Prefilled, Qwen2Vl, VlmInput};
+pub use processor::{process, smart_resize, ProcessorConfig};

@@ -1,0 +1,368 @@
+//! Qwen2-VL end to end: the vision tower's features scattered into the image-pad positions of
+//! the shared decoder's input embeddings, M-RoPE tables passed to the decoder per position, the
+//! chat template with pad expansion, and a KV-cache generation loop (greedy) whose decode
+//! positions continue at `column + rope_delta`.
+use super::config::{qwen25_message, Qwen2VlConfig};
+use super::processor::{self, Processed, ProcessorConfig};
+use super::rope;
+use super::vision::VisionTower;
+use crate::models::decoder::{Decoder, State};
+use crate::models::generate::{GenerateConfig, Generation, Sampling};
+use crate::models::hooks::{Captures, HookSpec, StepInfo};
+use crate::models::load::ModelInfo;
+use crate::models::registry::{self, Location};
+use crate::models::tokenizer::Tokenizer;
+use crate::models::weights::{fingerprint, WeightDType, Weights};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub struct Qwen2Vl {
+    pub cfg: Qwen2VlConfig,
+    pub vision: VisionTower,
+    /// The LLM backbone: hooks, steering vectors and `--layer` refer to its layers.
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    pub processor: ProcessorConfig,
+    pub info: ModelInfo,
+    chat_template: String,
+    inv_freq: Vec<f32>,
+}
+
+/// One prompt row: token ids (image pads already expanded) and its processed images in order.
+#[derive(Debug, Clone)]
+pub struct VlmInput {
+    pub ids: Vec<u32>,
+    pub images: Vec<Processed>,
+}
+
+impl VlmInput {
+    pub fn grids(&self) -> Vec<[usize; 3]> {
+        self.images.iter().map(|p| p.grid_thw).collect()
+    }
+}
+
+/// What a prefill leaves behind for decoding.
+pub struct Prefilled {
+    /// `[batch, 1, vocab]`, or `[batch, seq, vocab]` with `all_logits`.
+    pub logits: Tensor,
+    pub state: State,
+    /// Per row: M-RoPE `rope_delta`.
+    pub deltas: Vec<i64>,
+    /// Per row: prompt length without padding.
+    pub lens: Vec<usize>,
+}
+
+impl Qwen2Vl {
+    /// A registry alias (`qwen-vl-2b`, from the hf-hub cache, offline) or a checkpoint directory.
+    pub fn load(spec: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
+        let r = registry::resolve(spec)?;
+        match &r.location {
+            Location::Dir(dir) => Self::load_dir(dir, &r.name, &r.checkpoint, device, dtype),
+            Location::Gguf(p) => {
+                bail!("{}: Qwen2-VL loads from a safetensors checkpoint directory, not GGUF", p.display())
+            }
+        }
+    }
+
+    pub fn load_dir(dir: &Path, name: &str, checkpoint: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
+        let t0 = std::time::Instant::now();
+        let cfg_path = dir.join("config.json");
+        let cfg = Qwen2VlConfig::from_file(&cfg_path)?;
+        let mut w = Weights::from_safetensors_dir(dir, device, dtype)?;
+        w.hint = format!(
+            " ({}: Qwen2-VL text, {} layers, hidden {}, {} heads / {} kv heads)",
+            cfg_path.display(),
+            cfg.text.num_layers,
+            cfg.text.hidden_size,
+            cfg.text.num_heads,
+            cfg.text.num_kv_heads
+        );
+        let vision = VisionTower::load(&cfg.vision, &w)?;
+        let decoder = Decoder::load(cfg.text.clone(), &w).map_err(|e| {
+            // A Qwen2.5-VL text tower has the same names; only shapes can tell.
+            let msg = format!("{e:#}");
+            if msg.contains("expected shape") {
+                anyhow::anyhow!("{msg}\n{}", qwen25_message(&cfg_path.display().to_string(), "shape mismatch"))
+            } else {
+                e
+            }
+        })?;
+        let tokenizer =
+            Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        let ct = dir.join("chat_template.json");
+        let chat_template = if ct.exists() {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&ct)?)
+                .with_context(|| format!("{}: not valid JSON", ct.display()))?;
+            v.get("chat_template")
+                .and_then(|t| t.as_str())
+                .with_context(|| format!("{}: missing string `chat_template`", ct.display()))?
+                .to_string()
+        } else {
+            tokenizer.chat_template().to_string()
+        };
+        for (what, id) in [
+            ("<|image_pad|>", cfg.image_token_id),
+            ("<|vision_start|>", cfg.vision_start_token_id),
+            ("<|vision_end|>", cfg.vision_end_token_id),
+        ] {
+            if tokenizer.token_to_id(what) != Some(id) {
+                bail!(
+                    "{}: the tokenizer maps {what} to {:?} but config.json says {id}",
+                    dir.display(),
+                    tokenizer.token_to_id(what)
+                );
+            }
+        }
+        let processor = ProcessorConfig::from_dir(dir)?;
+        if processor.merge_size != cfg.vision.spatial_merge_size || processor.patch_size != cfg.vision.patch_size {
+            bail!(
+                "{}: preprocessor patch_size {} / merge_size {} disagree with vision_config {} / {}",
+                dir.display(),
+                processor.patch_size,
+                processor.merge_size,
+                cfg.vision.patch_size,
+                cfg.vision.spatial_merge_size
+            );
+        }
+        let info = ModelInfo {
+            name: name.to_string(),
+            checkpoint: checkpoint.to_string(),
+            weights_hash: fingerprint(&w.files())?,
+            dtype: dtype.name().to_string(),
+            family: "qwen2-vl".to_string(),
+            num_layers: cfg.text.num_layers,
+            hidden_size: cfg.text.hidden_size,
+        };
+        let inv_freq = rope::inv_freq(cfg.text.head_dim, cfg.text.rope_theta);
+        tracing::info!(
+            model = %info.name, dtype = %info.dtype, layers = info.num_layers, vision_depth = cfg.vision.depth,
+            "loaded Qwen2-VL in {:.2}s", t0.elapsed().as_secs_f64()
+        );
+        Ok(Self { cfg, vision, decoder, tokenizer, processor, info, chat_template, inv_freq })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.decoder.device()
+    }
+
+    /// Renders chat messages whose `content` is a string or a list of `{type: image}` /
+    /// `{type: text, text}` parts (transformers' multimodal message format).
+    pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.chat_template).context("compiling the Qwen2-VL chat template")?;
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            add_vision_id => false,
+        };
+        env.get_template("chat")?.render(ctx).context("rendering the Qwen2-VL chat template")
+    }
+
+    /// Replaces the k-th `<|image_pad|>` by as many pads as image k has LLM tokens, then
+    /// tokenizes (what transformers' Qwen2VLProcessor does).
+    pub fn encode_expanded(&self, text: &str, images: Vec<Processed>) -> Result<VlmInput> {
+        let pad = "<|image_pad|>";
+        let parts: Vec<&str> = text.split(pad).collect();
+        if parts.len() != images.len() + 1 {
+            bail!("the prompt has {} image placeholders but {} images were given", parts.len() - 1, images.len());
+        }
+        let m = self.cfg.vision.spatial_merge_size;
+        let mut s =
+            String::with_capacity(text.len() + images.iter().map(|i| i.llm_tokens(m) * pad.len()).sum::<usize>());
+        s.push_str(parts[0]);
+        for (img, rest) in images.iter().zip(&parts[1..]) {
+            s.push_str(&pad.repeat(img.llm_tokens(m)));
+            s.push_str(rest);
+        }
+        let ids = self.tokenizer.encode(&s, false)?;
+        let got = ids.iter().filter(|&&t| t == self.cfg.image_token_id).count();
+        let want: usize = images.iter().map(|i| i.llm_tokens(m)).sum();
+        if got != want {
+            bail!("tokenized prompt has {got} image tokens, expected {want} (a pad token was merged or split)");
+        }
+        Ok(VlmInput { ids, images })
+    }
+
+    /// One user turn: the images first, then the text (the VLM agent's prompt shape).
+    pub fn user_prompt(&self, images: &[RgbImage], text: &str) -> Result<VlmInput> {
+        let mut content: Vec<Value> = images.iter().map(|_| json!({"type": "image"})).collect();
+        content.push(json!({"type": "text", "text": text}));
+        let rendered = self.render(&json!([{"role": "user", "content": content}]), true)?;
+        let processed = images.iter().map(|i| processor::process(i, &self.processor)).collect::<Result<Vec<_>>>()?;
+        self.encode_expanded(&rendered, processed)
+    }
+
+    /// Vision features of every image of every row, in order: `[Σ tokens, hidden]`.
+    pub fn image_features(&self, rows: &[VlmInput]) -> Result<Option<Tensor>> {
+        let imgs: Vec<&Processed> = rows.iter().flat_map(|r| r.images.iter()).collect();
+        if imgs.is_empty() {
+            return Ok(None);
+        }
+        let pd = self.cfg.vision.patch_dim();
+        let mut px = Vec::with_capacity(imgs.iter().map(|i| i.pixel_values.len()).sum());
+        for i in &imgs {
+            if i.patch_dim != pd {
+                bail!("processed image has {} values per patch, the vision tower expects {pd}", i.patch_dim);
+            }
+            px.extend_from_slice(&i.pixel_values);
+        }
+        let n = px.len() / pd;
+        let px = Tensor::from_vec(px, (n, pd), self.device())?;
+        let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
+        Ok(Some(self.vision.forward(&px, &grids)?))
+    }
+
+    /// Left-padded prefill of a batch of rows with their images; `spec` hooks the LLM layers
+    /// (`image`/`text` selectors see which columns are image tokens).
+    pub fn prefill(
+        &self,
+        rows: &[VlmInput],
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+    ) -> Result<Prefilled> {
+        let feats = self.image_features(rows)?;
+        self.prefill_with_features(rows, feats, spec, caps, all_logits)
+    }
+
+    /// [`prefill`](Self::prefill) with image features computed elsewhere (`[Σ tokens, hidden]`).
+    pub fn prefill_with_features(
+        &self,
+        rows: &[VlmInput],
+        feats: Option<Tensor>,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+    ) -> Result<Prefilled> {
+        if rows.is_empty() || rows.iter().any(|r| r.ids.is_empty()) {
+            bail!("every prompt needs at least one token");
+        }
+        let dev = self.device().clone();
+        let b = rows.len();
+        let seq = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let pad_id = self.tokenizer.pad_token_id().unwrap_or(0);
+        let m = self.cfg.vision.spatial_merge_size;
+        let mut ids = Vec::with_capacity(b * seq);
+        let mut pads = Vec::with_capacity(b);
+        let mut pos_rows = Vec::with_capacity(b);
+        let mut image_rows = Vec::with_capacity(b);
+        let mut deltas = Vec::with_capacity(b);
+        let mut gather = Vec::with_capacity(b * seq);
+        let mut k = 0u32;
+        for r in rows {
+            self.decoder.check_ids(&r.ids)?;
+            let pad = seq - r.ids.len();
+            let p = rope::mrope_positions(&r.ids, &r.grids(), self.cfg.image_token_id, m)?;
+            pads.push(pad);
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(&r.ids);
+            let mut pr = vec![[0i64; 3]; pad];
+            pr.extend((0..r.ids.len()).map(|i| [p.ids[0][i], p.ids[1][i], p.ids[2][i]]));
+            pos_rows.push(pr);
+            let mut im = vec![false; pad];
+            im.extend_from_slice(&p.image);
+            for &is_img in &im {
+                let here = gather.len() as u32;
+                gather.push(if is_img {
+                    k += 1;
+                    (b * seq) as u32 + k - 1
+                } else {
+                    here
+                });
+            }
+            image_rows.push(im);
+            deltas.push(p.delta);
+        }
+        let ids_t = Tensor::from_vec(ids, (b, seq), &dev)?;
+        let h = self.cfg.text.hidden_size;
+        let mut xs = self.decoder.embed(&ids_t)?;
+        if k > 0 {
+            let feats = feats.context("the prompt has image tokens but no image features were given")?;
+            if feats.dims() != [k as usize, h] {
+                bail!("image features have shape {:?}, expected [{k}, {h}] (one row per image token)", feats.dims());
+            }
+            let flat = xs.reshape((b * seq, h))?;
+            let all = Tensor::cat(&[&flat, &feats.to_dtype(flat.dtype())?], 0)?;
+            let idx = Tensor::from_vec(gather, b * seq, &dev)?;
+            xs = all.index_select(&idx, 0)?.reshape((b, seq, h))?;
+        }
+        let (cos, sin) =
+            rope::mrope_tables(&pos_rows, &self.inv_freq, &self.cfg.mrope_section, &dev, self.decoder.dtype())?;
+        let mut state = self.decoder.new_state(pads.clone());
+        let step = StepInfo::prefill(pads).with_modality(image_rows);
+        let logits =
+            self.decoder.forward_embeds_rope(xs, &mut state, &step, spec, caps, all_logits, Some((cos, sin)))?;
+        Ok(Prefilled { logits, state, deltas, lens: rows.iter().map(|r| r.ids.len()).collect() })
+    }
+
+    /// One decode step: `next` (one id per row) at column `state.cols`, position `column + delta`.
+    pub fn decode_step(
+        &self,
+        next: &[u32],
+        state: &mut State,
+        deltas: &[i64],
+        spec: &HookSpec,
+        caps: &mut Captures,
+    ) -> Result<Tensor> {
+        let b = next.len();
+        let rows: Vec<Vec<[i64; 3]>> = (0..b)
+            .map(|r| {
+                let p = (state.cols - state.left_pad[r]) as i64 + deltas[r];
+                vec![[p; 3]]
+            })
+            .collect();
+        let (cos, sin) =
+            rope::mrope_tables(&rows, &self.inv_freq, &self.cfg.mrope_section, self.device(), self.decoder.dtype())?;
+        let ids = Tensor::from_vec(next.to_vec(), (b, 1), self.device())?;
+        let xs = self.decoder.embed(&ids)?;
+        self.decoder.forward_embeds_rope(xs, state, &StepInfo::decode(b), spec, caps, false, Some((cos, sin)))
+    }
+
+    /// Greedy generation for a batch (the rows of one episode share the batch: baseline and
+    /// steered coefficients are per row in `spec`).
+    pub fn generate(&self, rows: &[VlmInput], cfg: &GenerateConfig, spec: &HookSpec) -> Result<Vec<Generation>> {
+        if !matches!(cfg.sampling, Sampling::Greedy) {
+            bail!("Qwen2-VL generation is greedy only (got {:?})", cfg.sampling);
+        }
+        let mut caps = Captures::default();
+        let Prefilled { mut logits, mut state, deltas, lens } = self.prefill(rows, spec, &mut caps, false)?;
+        let b = rows.len();
+        let mut out: Vec<Generation> =
+            lens.into_iter().map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n }).collect();
+        let mut done = vec![false; b];
+        for step in 0..cfg.max_new_tokens {
+            let next_ids: Vec<u32> =
+                logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?;
+            let mut next = Vec::with_capacity(b);
+            for r in 0..b {
+                if done[r] {
+                    next.push(cfg.pad_id);
+                    continue;
+                }
+                let t = next_ids[r];
+                if cfg.stop_ids.contains(&t) {
+                    out[r].stop = Some(t);
+                    done[r] = true;
+                } else {
+                    out[r].tokens.push(t);
+                }
+                next.push(t);
+            }
+            if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+                break;
+            }
+            logits = self.decode_step(&next, &mut state, &deltas, spec, &mut caps)?;
+        }
+        Ok(out)
+    }
+}
