@@ -17,6 +17,9 @@ pub enum BenchWhich {
     Episodes(crate::experiment::bench::BenchEpisodesArgs),
 }
 
+    /// One paired exp12 episode (sequential and batched), decode, prefill and all-layer extraction
+    /// on one device, for the GPU comparison with scripts/peer/hf_paired.py (docs/cuda.md).
+    Paired(crate::gpu::paired::BenchPairedArgs),
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.which {
         BenchWhich::Decode(d) => crate::models::bench::run(d),
@@ -24,3 +27,4 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhich::Episodes(e) => crate::experiment::bench::run(e),
     }
 }
+        BenchWhich::Paired(p) => crate::gpu::paired::run(p),

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod env;
 pub mod experiment;
+pub mod gpu;
 pub mod models;
 pub mod steering;
 pub mod util;

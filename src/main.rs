@@ -30,6 +30,8 @@ enum Command {
     Play(miniwob_steer::env::cli::PlayArgs),
     /// Paired baseline/steered MiniWoB episodes (exp12): vector from training episodes, then evaluation.
     Run(miniwob_steer::experiment::RunArgs),
+    /// Compare against the committed transformers goldens on this device (no cargo needed; docs/cuda.md).
+    CheckGoldens(miniwob_steer::gpu::goldens::CheckGoldensArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,5 +50,6 @@ fn main() -> Result<()> {
         Command::Observe(a) => miniwob_steer::env::cli::run_observe(a),
         Command::Play(a) => miniwob_steer::env::cli::run_play(a),
         Command::Run(a) => miniwob_steer::experiment::run::run(a),
+        Command::CheckGoldens(a) => miniwob_steer::gpu::goldens::run(a),
     }
 }

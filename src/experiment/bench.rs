@@ -4,8 +4,8 @@
 //! prompt text and token budget, in the same invocation.
 use super::run::{execute, Settings};
 use super::Shard;
+use crate::gpu::device::DTypeChoice;
 use crate::models::registry::{self, Location};
-use crate::models::weights::WeightDType;
 use crate::steering::caa::{CoeffMode, Method};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -18,8 +18,12 @@ pub const BENCH_TASKS: &str =
 pub struct BenchEpisodesArgs {
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: WeightDType,
+    /// auto (bf16 on a GPU, f32 on the CPU), f32, f16, bf16 or gguf.
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     #[arg(long, default_value = BENCH_TASKS)]
     pub tasks: String,
     /// Seeds per task.
@@ -58,8 +62,8 @@ fn settings(
     Ok(Settings {
         experiment: "bench".into(),
         model: a.model.clone(),
-        dtype: a.dtype,
-        device: "cpu".into(),
+        dtype: a.dtype.resolve(&crate::models::cli::parse_device(&a.device)?),
+        device: a.device.clone(),
         layer: a.layer.clone(),
         coeffs: vec![a.coeff],
         coeff_mode: CoeffMode::Absolute,
@@ -94,7 +98,7 @@ pub fn run(a: BenchEpisodesArgs) -> Result<()> {
     println!(
         "bench episodes: model {} ({}), {} tasks × {} seeds = {pairs} pairs, α = {}, layer {}, {} new tokens max, threads {}, cores {}",
         a.model,
-        a.dtype.name(),
+        timed.dtype.name(),
         timed.tasks.len(),
         a.seeds,
         a.coeff,

@@ -5,6 +5,7 @@ use super::plan::{self, Item, Shard};
 use super::results::{episode_key, EpisodeLine, ResultsFile};
 use crate::agent::{Agent, Arm, EpisodeOutcome, Generator, GeneratorConfig, PromptBuilder, Steering};
 use crate::env::{self, EnvConfig, EnvError, Observation, Pool};
+use crate::gpu::device::DTypeChoice;
 use crate::models::cli::parse_device;
 use crate::models::hooks::HookPoint;
 use crate::models::load::{LoadedModel, ModelInfo};
@@ -30,11 +31,11 @@ pub struct RunArgs {
     /// model, else qwen-coder-0.5b].
     #[arg(long)]
     pub model: Option<String>,
-    /// Weight dtype: f32, f16, bf16 or gguf [default: f32].
+    /// Weight dtype: auto, f32, f16, bf16 or gguf [default: auto = bf16 on a GPU, f32 on the CPU].
     #[arg(long)]
-    pub dtype: Option<WeightDType>,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
+    pub dtype: Option<DTypeChoice>,
+    /// cpu, cuda, cuda:N or auto (the GPU when this binary has CUDA and one is visible).
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// Layer to steer: auto (50% depth) or an index (blocks.{L}.hook_resid_post).
     #[arg(long)]
@@ -202,9 +203,10 @@ impl Settings {
             model: a.model.clone().or(f.models.first().cloned()).unwrap_or_else(|| registry::DEFAULT_MODEL.into()),
             dtype: match (a.dtype, &f.dtype) {
                 (Some(d), _) => d,
-                (None, Some(s)) => s.parse().map_err(|e| anyhow::anyhow!("dtype {s:?}: {e}"))?,
-                (None, None) => WeightDType::F32,
-            },
+                (None, Some(s)) => s.parse::<DTypeChoice>().map_err(|e| anyhow::anyhow!("dtype {s:?}: {e}"))?,
+                (None, None) => DTypeChoice::Auto,
+            }
+            .resolve(&parse_device(&a.device)?),
             device: a.device.clone(),
             layer: a.layer.clone().or(f.layers.first().map(|l| l.to_string())).unwrap_or_else(|| "auto".into()),
             coeffs,

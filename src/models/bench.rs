@@ -120,7 +120,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     // Must happen before candle's first parallel kernel reads it.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let resolved = registry::resolve(&a.model.model)?;
-    let dtypes = if a.dtypes.is_empty() { vec![a.model.dtype] } else { a.dtypes.clone() };
+    let device = super::cli::parse_device(&a.model.device)?;
+    let dtypes = if a.dtypes.is_empty() { vec![a.model.dtype.resolve(&device)] } else { a.dtypes.clone() };
     let python = a.python.clone().or_else(|| {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
         p.exists().then_some(p)
@@ -128,7 +129,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     let mut peer_speeds: std::collections::HashMap<&str, Option<Speed>> = Default::default();
     let mut header = false;
     for dtype in dtypes {
-        let args = ModelArgs { dtype, ..a.model.clone() };
+        let args = ModelArgs { dtype: dtype.into(), ..a.model.clone() };
         let m = args.load()?;
         let d = &m.decoder;
         let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
@@ -143,9 +144,10 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         let v = (&v / v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)?;
         if !header {
             println!(
-                "model {} ({}), threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
+                "model {} ({}) on {}, threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
                 m.info.name,
                 m.info.checkpoint,
+                crate::gpu::device::device_name(&device),
                 a.threads,
                 a.prompt_tokens,
                 a.new_tokens,

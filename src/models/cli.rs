@@ -4,17 +4,22 @@ use super::hooks::{HookPoint, HookSpec, Positions};
 use super::load::LoadedModel;
 use super::registry::{self, REGISTRY};
 use super::tokenizer::ChatMessage;
-use super::weights::WeightDType;
+use crate::gpu::device::DTypeChoice;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// `--device cpu|cuda[:N]|auto`.
+/// `--device cpu|cuda[:N]|auto`: `auto` is GPU 0 when this binary has CUDA (`--features cuda`)
+/// and a GPU is visible, else the CPU.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" => {
+            let d = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+            tracing::debug!("--device auto: {}", crate::gpu::device::device_name(&d));
+            Ok(d)
+        }
         s if s.starts_with("cuda") => {
             let n: usize = s
                 .strip_prefix("cuda")
@@ -33,17 +38,19 @@ pub struct ModelArgs {
     /// Registry alias, transformers checkpoint directory, or .gguf file.
     #[arg(long, default_value = registry::DEFAULT_MODEL)]
     pub model: String,
-    /// Weight dtype: f32 (dequantized reference path), f16, bf16, or gguf (keep quantized).
-    #[arg(long, default_value = "f32")]
-    pub dtype: WeightDType,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
+    /// Weight dtype: auto (bf16 on a GPU, f32 on the CPU), f32 (dequantized reference path), f16,
+    /// bf16, or gguf (keep quantized).
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeChoice,
+    /// cpu, cuda, cuda:N or auto (the GPU when this binary has CUDA and one is visible).
+    #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
-        LoadedModel::load(&self.model, &parse_device(&self.device)?, self.dtype)
+        let device = parse_device(&self.device)?;
+        LoadedModel::load(&self.model, &device, self.dtype.resolve(&device))
     }
 }
 

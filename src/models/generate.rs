@@ -120,6 +120,7 @@ pub fn generate(
     for p in prompts {
         model.check_ids(p)?;
     }
+    crate::gpu::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
     let (ids, pads) = left_pad(prompts, cfg.pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
     let logits = model.forward(&ids, &mut state, &StepInfo::prefill(pads), spec, caps, false)?;
@@ -178,6 +179,7 @@ pub fn prefill(
     for p in prompts {
         model.check_ids(p)?;
     }
+    crate::gpu::memory::guard(model, prompts, 0, spec)?;
     let (ids, pads) = left_pad(prompts, pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
     let mut caps = Captures::default();
