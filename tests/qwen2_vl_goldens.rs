@@ -199,8 +199,8 @@ fn mrope_positions_and_delta_match() {
         let ids = ids_of(&format!("{sample}.input_ids"));
         let p = rope::mrope_positions(&ids, &grids(sample), m.cfg.image_token_id, 2).unwrap();
         let want = r(&format!("{sample}.position_ids")).to_vec2::<i64>().unwrap();
-        for axis in 0..3 {
-            assert_eq!(p.ids[axis], want[axis], "{sample}: position ids, axis {axis}");
+        for (axis, (got, want)) in p.ids.iter().zip(&want).enumerate() {
+            assert_eq!(got, want, "{sample}: position ids, axis {axis}");
         }
         assert_eq!(p.delta, r(&format!("{sample}.rope_delta")).to_vec1::<i64>().unwrap()[0], "{sample}: rope_delta");
     }

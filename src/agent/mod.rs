@@ -4,6 +4,7 @@ pub mod episode;
 pub mod generator;
 pub mod parse;
 pub mod prompt;
+pub mod vlm;
 
 pub use episode::{Agent, Arm, EpisodeOutcome};
 pub use generator::{Generator, GeneratorConfig, Row, RowOutput, Steering};

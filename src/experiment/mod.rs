@@ -6,6 +6,7 @@ pub mod plan;
 pub mod results;
 pub mod run;
 pub mod vector;
+pub mod vlm;
 
 pub use plan::{Item, Shard};
 pub use results::{EpisodeLine, ResultsFile};

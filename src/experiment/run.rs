@@ -67,7 +67,8 @@ pub struct RunArgs {
     /// Baseline episodes only (no vector).
     #[arg(long)]
     pub base_only: bool,
-    /// Screenshot + Set-of-Marks observations for a VLM (not supported yet).
+    /// Screenshot + Set-of-Marks observations for a VLM (Qwen2-VL: `--model qwen-vl-2b` or a
+    /// checkpoint directory; a VLM model implies it). Steering acts on the LLM backbone only.
     #[arg(long)]
     pub vlm: bool,
     /// Comma-separated task names, or `all` (the 25-task exp12 set).
@@ -176,9 +177,6 @@ pub fn parse_tasks(s: &str) -> Result<Vec<String>> {
 
 impl Settings {
     pub fn resolve(a: &RunArgs) -> Result<Settings> {
-        if a.vlm {
-            bail!("--vlm is not supported yet: the Qwen2-VL model (screenshot + Set-of-Marks observations) is a separate issue");
-        }
         let f = match &a.experiment {
             Some(e) => ExperimentFile::load(e)?,
             None => ExperimentFile::default(),
@@ -556,7 +554,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         return print_table(&a.print_table);
     }
     let s = Settings::resolve(&a)?;
-    let summary = execute(&s, a.vector_cache.as_deref(), !a.no_progress)?;
+    let summary = if a.vlm || super::vlm::is_vlm_model(&s.model) {
+        if !super::vlm::is_vlm_model(&s.model) {
+            bail!("--vlm needs a vision-language model (--model qwen-vl-2b or a Qwen2-VL directory); `{}` is not one", s.model);
+        }
+        super::vlm::execute(&s, a.vector_cache.as_deref(), !a.no_progress)?
+    } else {
+        execute(&s, a.vector_cache.as_deref(), !a.no_progress)?
+    };
     print_summary(&summary);
     if let Some(p) = &a.summary_json {
         std::fs::write(p, serde_json::to_string_pretty(&summary)? + "\n")

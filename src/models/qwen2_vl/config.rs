@@ -186,7 +186,7 @@ impl Qwen2VlConfig {
                 text.hidden_size
             );
         }
-        if vision.embed_dim % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
+        if !vision.embed_dim.is_multiple_of(vision.num_heads) || !vision.head_dim().is_multiple_of(4) {
             bail!(
                 "{file}: vision_config.embed_dim ({}) / num_heads ({}) must be a multiple of 4 (2-D rotary halves)",
                 vision.embed_dim,

@@ -1,0 +1,161 @@
+//! The tiny Qwen2-VL through the VLM agent on real Chromium. The model is random, so it acts
+//! randomly; these tests check the plumbing: the Set-of-Marks screenshot becomes image tokens in
+//! the prompt, steering hooks sit on the LLM layers (baseline rows bit-identical to no hook), and
+//! `run --vlm` computes a vector, runs paired episodes and writes result lines.
+mod common;
+
+use candle_core::Device;
+use miniwob_steer::agent::vlm::{observe_turn, VlmEngine};
+use miniwob_steer::agent::{Arm, Steering};
+use miniwob_steer::env::{EnvConfig, Pool};
+use miniwob_steer::experiment::vlm::compute_vlm_vector;
+use miniwob_steer::models::hooks::{Captures, HookPoint, HookSpec};
+use miniwob_steer::models::qwen2_vl::Qwen2Vl;
+use miniwob_steer::models::WeightDType;
+use miniwob_steer::steering::caa::{CoeffMode, Method};
+use miniwob_steer::steering::pairs;
+use std::process::Command;
+use std::sync::Arc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_miniwob-steer");
+
+fn require_assets() {
+    let out = Command::new(BIN).args(["tasks", "--exp12"]).output().expect("running miniwob-steer tasks");
+    assert!(
+        out.status.success(),
+        "MiniWoB assets or browser missing: run ./scripts/setup.sh ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tiny() -> Qwen2Vl {
+    let dir = common::fixture("tiny-qwen2-vl");
+    Qwen2Vl::load_dir(&dir, "tiny-qwen2-vl", "tiny-qwen2-vl", &Device::Cpu, WeightDType::F32).unwrap()
+}
+
+#[test]
+fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
+    require_assets();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let model = Arc::new(tiny());
+    rt.block_on(async {
+        let pool = Pool::new(1, EnvConfig::default()).await.unwrap();
+        let mut sess = pool.acquire().await.unwrap();
+        let obs = sess.reset("click-button", 3).await.unwrap();
+        let turn = observe_turn(&model, &mut sess, &obs, &[], None).await.unwrap();
+        let input = &turn.input;
+        assert_eq!(input.images.len(), 1);
+        let img = &input.images[0];
+        let n_img = input.ids.iter().filter(|&&t| t == model.cfg.image_token_id).count();
+        assert_eq!(n_img, img.llm_tokens(2), "image pads = t·h·w/4 of grid {:?}", img.grid_thw);
+        assert!(n_img >= 100, "a Set-of-Marks screenshot should give many image tokens, got {n_img}");
+        let start = input.ids.iter().position(|&t| t == model.cfg.vision_start_token_id).unwrap();
+        assert_eq!(input.ids[start + 1], model.cfg.image_token_id);
+        assert_eq!(input.ids[start + 1 + n_img], model.cfg.vision_end_token_id);
+        let text = model.tokenizer.decode(&input.ids, false).unwrap();
+        assert!(text.contains(obs.utterance.trim()), "the utterance is in the prompt");
+
+        // A vector from two training screens with the project's prompt pair, at the LLM layer.
+        let layer = model.cfg.text.num_layers / 2;
+        let png = sess.som_screenshot(&obs).await.unwrap();
+        let all = pairs::load(None).unwrap();
+        let pair = pairs::find(&all, "accuracy").unwrap();
+        let v =
+            compute_vlm_vector(&model, &[(obs.clone(), png.clone()), (obs.clone(), png)], pair, Method::Prompt, layer)
+                .unwrap();
+        assert_eq!(v.layers.keys().copied().collect::<Vec<_>>(), vec![layer]);
+        assert_eq!(v.meta.hidden_size, model.cfg.text.hidden_size, "the vector lives in the LLM residual stream");
+
+        let engine = VlmEngine::new(model.clone(), Some(Steering { vector: v, layer, mode: CoeffMode::Absolute }), 6);
+        let spec = engine.spec(&[0.0, 8.0]).unwrap();
+        assert_eq!(spec.interventions.len(), 1);
+        assert_eq!(spec.interventions[0].point, HookPoint::ResidPost(layer));
+        assert!(layer < model.decoder.cfg.num_layers);
+        // The baseline row of a steered batch is bit-identical to an unhooked run; the steered
+        // row is not.
+        let rows = vec![input.clone(), input.clone()];
+        let plain = model.prefill(&rows, &HookSpec::none(), &mut Captures::default(), false).unwrap();
+        let hooked = model.prefill(&rows, &spec, &mut Captures::default(), false).unwrap();
+        let p: Vec<Vec<f32>> = plain.logits.squeeze(1).unwrap().to_vec2().unwrap();
+        let h: Vec<Vec<f32>> = hooked.logits.squeeze(1).unwrap().to_vec2().unwrap();
+        assert_eq!(p[0], h[0], "α = 0 row changed");
+        assert_ne!(p[1], h[1], "the steered row did not change");
+
+        // The paired episode loop: both arms act on the page and get a reward.
+        drop(sess);
+        let mut sess = pool.acquire().await.unwrap();
+        let arms = [Arm { condition: "baseline", coeff: 0.0 }, Arm { condition: "steered", coeff: 8.0 }];
+        let out = engine.run_pair(&mut sess, "click-button", 3, &arms, 1).await.unwrap();
+        assert_eq!(out.len(), 2);
+        for ep in &out {
+            assert_eq!(ep.steps, 1);
+            assert!(ep.tokens_in > n_img && ep.tokens_out > 0, "{ep:?}");
+            assert_eq!(ep.prompt_hash, turn.hash, "same seed, same screenshot");
+        }
+        drop(sess);
+        pool.shutdown().await;
+    });
+}
+
+#[test]
+fn run_vlm_writes_paired_result_lines() {
+    require_assets();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vlm.jsonl");
+    let summary = tmp.path().join("summary.json");
+    let dir = common::fixture("tiny-qwen2-vl");
+    let t0 = std::time::Instant::now();
+    let o = Command::new(BIN)
+        .args(["run", "--vlm", "--model"])
+        .arg(&dir)
+        .args(["--device", "cpu", "--dtype", "f32", "--tasks", "click-test,click-button", "--eval-steps", "2"])
+        .args(["--train-steps", "2", "--coeff", "4", "--max-new-tokens", "8", "--concurrency", "1", "--no-progress"])
+        .args(["--name", "vlm-test", "--out"])
+        .arg(&out)
+        .arg("--summary-json")
+        .arg(&summary)
+        .env("RAYON_NUM_THREADS", "2")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let wall = t0.elapsed().as_secs_f64();
+    assert!(
+        o.status.success(),
+        "run --vlm failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2 * 2 * 2, "2 tasks × 2 seeds × (baseline + steered)");
+    for l in &lines {
+        assert_eq!(l["vlm"], true);
+        assert_eq!(l["experiment"], "vlm-test");
+        assert_eq!(l["layer"], 1, "auto layer = 3 LLM layers / 2");
+        assert_eq!(l["hook_point"], "blocks.1.hook_resid_post");
+        assert!(l["vector_hash"].is_string() && l["weights_hash"].is_string());
+        // The prompt holds the screenshot's image tokens: far more than the text alone.
+        assert!(l["tokens_in"].as_u64().unwrap() > 300, "{l}");
+        assert!(l["tokens_out"].as_u64().unwrap() > 0);
+    }
+    let conds: Vec<&str> = lines.iter().map(|l| l["condition"].as_str().unwrap()).collect();
+    assert_eq!(conds.iter().filter(|&&c| c == "baseline").count(), 4);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["episodes"], 8);
+    let vectors: Vec<_> = std::fs::read_dir(tmp.path().join("vectors")).unwrap().collect();
+    assert_eq!(vectors.len(), 1, "one cached VLM vector");
+    // Rerun: every key is present, nothing new.
+    let o = Command::new(BIN)
+        .args(["run", "--vlm", "--model"])
+        .arg(&dir)
+        .args(["--device", "cpu", "--dtype", "f32", "--tasks", "click-test,click-button", "--eval-steps", "2"])
+        .args(["--train-steps", "2", "--coeff", "4", "--max-new-tokens", "8", "--concurrency", "1", "--no-progress"])
+        .args(["--name", "vlm-test", "--out"])
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), text, "a rerun must not add lines");
+    eprintln!("run --vlm: 8 episodes + vector in {wall:.1}s");
+}
