@@ -93,3 +93,46 @@ fn a_perturbed_reference_fails_naming_model_and_quantity() {
     // The other families still pass.
     assert!(stdout.contains("| tiny-llama | 11 | 0 |"), "{stdout}");
 }
+
+#[test]
+fn bench_paired_runs_on_cpu_and_writes_the_report_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("ours.json");
+    let out = bin()
+        .args(["bench", "paired", "--model", "smollm2-135m", "--device", "cpu", "--dtype", "auto"])
+        .args(["--prompt-tokens", "12", "--new-tokens", "3", "--reps", "1", "--threads", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("on cpu f32") && stdout.contains("blocks.15.hook_resid_post"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["device"], "cpu");
+    assert_eq!(v["dtype"], "f32", "--dtype auto resolves to f32 on the CPU");
+    assert_eq!(v["layer"], 15);
+    for k in ["sequential_s", "batched_s", "decode_tok_s_b1", "prefill_tok_s", "extract_s"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+    // No device memory to report on the CPU.
+    assert!(v["peak_bytes_b2"].is_null() && v["weights_bytes"].is_null(), "{v}");
+}
+
+/// The whole GPU check flow on the CPU (goldens, random checkpoint, ours and the transformers
+/// peer, report). Needs the target/py venv (scripts/goldens/venv.sh); ~3 minutes.
+#[test]
+#[ignore]
+fn gpu_check_script_runs_on_cpu_small() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let status = Command::new(root.join("scripts/gpu-check.sh"))
+        .args(["--device", "cpu", "--small", "--bin", env!("CARGO_BIN_EXE_miniwob-steer"), "--out"])
+        .arg(tmp.path())
+        .env("CKPT_DIR", tmp.path().join("ckpt"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report = std::fs::read_to_string(tmp.path().join("report.md")).unwrap();
+    assert!(report.contains("### cpu f32: ") && report.contains("### cpu bf16: "), "{report}");
+    assert!(report.contains("| smollm2-135m | ") && report.contains("Goldens: all passed."), "{report}");
+}
