@@ -159,3 +159,67 @@ fn run_vlm_writes_paired_result_lines() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), text, "a rerun must not add lines");
     eprintln!("run --vlm: 8 episodes + vector in {wall:.1}s");
 }
+
+fn vm_hwm_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Real-size figures without downloads: a Qwen2-VL checkpoint directory in
+/// `MINIWOB_STEER_QWEN2VL_DIR` (the real one, or random weights at the real shapes from
+/// scripts/goldens/random_checkpoints.py --models qwen2-vl-2b) and `MINIWOB_STEER_QWEN2VL_DTYPE`
+/// (default bf16). One 320×420 Set-of-Marks-sized screenshot plus the agent's text, a baseline
+/// and a steered row in one batch, 16 decode steps. Prints load/prefill/decode times and peak RSS.
+#[test]
+#[ignore = "needs a real-size Qwen2-VL checkpoint (MINIWOB_STEER_QWEN2VL_DIR)"]
+fn real_size_figures() {
+    let Some(dir) = std::env::var_os("MINIWOB_STEER_QWEN2VL_DIR") else {
+        panic!("set MINIWOB_STEER_QWEN2VL_DIR to a Qwen2-VL checkpoint directory");
+    };
+    let dtype: WeightDType =
+        std::env::var("MINIWOB_STEER_QWEN2VL_DTYPE").unwrap_or_else(|_| "bf16".into()).parse().unwrap();
+    let t0 = std::time::Instant::now();
+    let model = Qwen2Vl::load_dir(std::path::Path::new(&dir), "qwen-vl-2b", "real-size", &Device::Cpu, dtype).unwrap();
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss_load = vm_hwm_mb();
+    let img = image::RgbImage::from_fn(320, 420, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 200]));
+    let text = format!(
+        "{}\n\nTask: Click on the \"submit\" button.\n\nAnswer with the action line(s) only.",
+        miniwob_steer::agent::vlm::VLM_INSTRUCTION
+    );
+    let input = model.user_prompt(&[img], &text).unwrap();
+    let n_img = input.ids.iter().filter(|&&t| t == model.cfg.image_token_id).count();
+    let rows = vec![input.clone(), input.clone()];
+    let layer = model.cfg.text.num_layers / 2;
+    let v = candle_core::Tensor::ones(model.cfg.text.hidden_size, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let spec =
+        HookSpec::none().add(HookPoint::ResidPost(layer), v, vec![0.0, 4.0], miniwob_steer::models::Positions::Last);
+    let t1 = std::time::Instant::now();
+    let feats = model.image_features(&rows[..1]).unwrap().unwrap();
+    let vision_s = t1.elapsed().as_secs_f64();
+    let feats2 = candle_core::Tensor::cat(&[&feats, &feats], 0).unwrap();
+    let t2 = std::time::Instant::now();
+    let mut caps = Captures::default();
+    let mut pre = model.prefill_with_features(&rows, Some(feats2), &spec, &mut caps, false).unwrap();
+    let prefill_s = t2.elapsed().as_secs_f64();
+    let t3 = std::time::Instant::now();
+    let steps = 16;
+    for _ in 0..steps {
+        let next: Vec<u32> = pre.logits.squeeze(1).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+        pre.logits = model.decode_step(&next, &mut pre.state, &pre.deltas, &spec, &mut caps).unwrap();
+    }
+    let decode_s = t3.elapsed().as_secs_f64() / steps as f64;
+    eprintln!(
+        "real-size Qwen2-VL ({}, {} threads): load {load_s:.1}s (peak RSS {rss_load:.0} MB), prompt {} tokens ({n_img} image), \
+         vision tower {vision_s:.2}s (1 image), LLM prefill 2 rows {prefill_s:.2}s, decode {:.3}s/step (2 rows), peak RSS {:.0} MB",
+        dtype.name(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into()),
+        input.ids.len(),
+        decode_s,
+        vm_hwm_mb()
+    );
+}

@@ -315,18 +315,20 @@ fn greedy_decoding_with_rope_delta_matches_transformers() {
 #[test]
 fn left_padded_batch_matches_single_rows() {
     let m = model();
-    let rows: Vec<VlmInput> = SAMPLES.iter().map(|s| reference_input(s)).collect();
+    // The last row repeats the first: its image goes through the vision tower once.
+    let names = ["two", "resized", "text", "two"];
+    let rows: Vec<VlmInput> = names.iter().map(|s| reference_input(s)).collect();
     let batch = m.prefill(&rows, &HookSpec::none(), &mut Captures::default(), false).unwrap();
-    for (i, s) in SAMPLES.iter().enumerate() {
+    for (i, s) in names.iter().enumerate() {
         let want = r(&format!("{s}.logits"));
         let last = want.narrow(0, want.dim(0).unwrap() - 1, 1).unwrap();
         let e = rel_err(&batch.logits.get(i).unwrap(), &last);
         assert!(e <= TOL, "{s}: batched last logits rel err {e}");
     }
-    let want: Vec<Vec<u32>> = SAMPLES.iter().map(|s| ids_of(&format!("{s}.greedy_ids"))).collect();
+    let want: Vec<Vec<u32>> = names.iter().map(|s| ids_of(&format!("{s}.greedy_ids"))).collect();
     let cfg = GenerateConfig { max_new_tokens: want[0].len(), stop_ids: vec![], ..Default::default() };
     let got = m.generate(&rows, &cfg, &HookSpec::none()).unwrap();
-    for (i, s) in SAMPLES.iter().enumerate() {
+    for (i, s) in names.iter().enumerate() {
         assert_eq!(got[i].tokens, want[i], "{s}: batched greedy ids");
     }
 }

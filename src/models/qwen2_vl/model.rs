@@ -202,24 +202,52 @@ impl Qwen2Vl {
         self.encode_expanded(&rendered, processed)
     }
 
-    /// Vision features of every image of every row, in order: `[Σ tokens, hidden]`.
+    /// Vision features of every image of every row, in order: `[Σ tokens, hidden]`. An image
+    /// that appears in several rows (the baseline and steered rows of one episode) goes through
+    /// the vision tower once.
     pub fn image_features(&self, rows: &[VlmInput]) -> Result<Option<Tensor>> {
         let imgs: Vec<&Processed> = rows.iter().flat_map(|r| r.images.iter()).collect();
         if imgs.is_empty() {
             return Ok(None);
         }
         let pd = self.cfg.vision.patch_dim();
-        let mut px = Vec::with_capacity(imgs.iter().map(|i| i.pixel_values.len()).sum());
+        let mut unique: Vec<&Processed> = Vec::new();
+        let mut which = Vec::with_capacity(imgs.len());
         for i in &imgs {
             if i.patch_dim != pd {
                 bail!("processed image has {} values per patch, the vision tower expects {pd}", i.patch_dim);
             }
+            match unique.iter().position(|u| u.grid_thw == i.grid_thw && u.pixel_values == i.pixel_values) {
+                Some(k) => which.push(k),
+                None => {
+                    which.push(unique.len());
+                    unique.push(i);
+                }
+            }
+        }
+        let mut px = Vec::with_capacity(unique.iter().map(|i| i.pixel_values.len()).sum());
+        for i in &unique {
             px.extend_from_slice(&i.pixel_values);
         }
         let n = px.len() / pd;
         let px = Tensor::from_vec(px, (n, pd), self.device())?;
-        let grids: Vec<[usize; 3]> = imgs.iter().map(|i| i.grid_thw).collect();
-        Ok(Some(self.vision.forward(&px, &grids)?))
+        let grids: Vec<[usize; 3]> = unique.iter().map(|i| i.grid_thw).collect();
+        let feats = self.vision.forward(&px, &grids)?;
+        if unique.len() == imgs.len() {
+            return Ok(Some(feats));
+        }
+        let m = self.cfg.vision.spatial_merge_size;
+        let mut starts = Vec::with_capacity(unique.len());
+        let mut at = 0;
+        for u in &unique {
+            starts.push(at);
+            at += u.llm_tokens(m);
+        }
+        let parts = which
+            .iter()
+            .map(|&k| feats.narrow(0, starts[k], unique[k].llm_tokens(m)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 0)?))
     }
 
     /// Left-padded prefill of a batch of rows with their images; `spec` hooks the LLM layers
