@@ -223,3 +223,15 @@ fn real_size_figures() {
         vm_hwm_mb()
     );
 }
+
+#[test]
+fn vlm_flag_with_a_text_model_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["run", "--vlm", "--model", "qwen-coder-0.5b", "--device", "cpu", "--tasks", "click-test", "--out"])
+        .arg(tmp.path().join("x.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--vlm needs a vision-language model"), "{err}");
+}

@@ -371,3 +371,44 @@ fn modality_selectors_steer_image_or_text_positions() {
         }
     }
 }
+
+/// `qwen-vl-2b` resolves offline from an hf-hub cache (`$HF_HOME/hub/models--Qwen--Qwen2-VL-2B-
+/// Instruct/{refs/main, snapshots/<rev>/}`), here filled with the tiny checkpoint's files.
+#[test]
+fn registry_alias_loads_from_the_hf_hub_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--Qwen--Qwen2-VL-2B-Instruct");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), rev).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json"] {
+        std::os::unix::fs::symlink(common::fixture(DIR).join(f), snap.join(f)).unwrap();
+    }
+    // Only this test reads HF_HOME in this binary.
+    std::env::set_var("HF_HOME", home.path());
+    let m = Qwen2Vl::load("qwen-vl-2b", &Device::Cpu, WeightDType::F32).unwrap();
+    std::env::remove_var("HF_HOME");
+    assert_eq!((m.info.name.as_str(), m.info.checkpoint.as_str()), ("qwen-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"));
+    assert_eq!(m.info.family, "qwen2-vl");
+    assert_eq!(m.cfg.text.num_layers, 3);
+}
+
+/// Text-only prompts: M-RoPE's three ids are equal, so the LLM loaded by the text path (plain
+/// decoder, 1-D RoPE) matches the golden too.
+#[test]
+fn text_path_loads_the_llm_of_a_qwen2_vl_directory() {
+    let dir = common::fixture(DIR);
+    let lm =
+        miniwob_steer::models::load::LoadedModel::load(dir.to_str().unwrap(), &Device::Cpu, WeightDType::F32).unwrap();
+    let ids = ids_of("text.input_ids");
+    let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let mut state = lm.decoder.new_state(vec![0]);
+    let logits = lm
+        .decoder
+        .forward(&t, &mut state, &StepInfo::prefill(vec![0]), &HookSpec::none(), &mut Captures::default(), true)
+        .unwrap();
+    let e = rel_err(&logits.squeeze(0).unwrap(), &r("text.logits"));
+    assert!(e <= TOL, "text-only logits through the text path: rel err {e}");
+}
