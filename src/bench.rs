@@ -11,20 +11,23 @@ pub struct BenchArgs {
 pub enum BenchWhich {
     /// Prefill/decode tokens/s with and without steering hooks, beside the transformers peer.
     Decode(crate::models::bench::BenchDecodeArgs),
+    /// Quantized matmul GFLOP/s at real layer shapes: candle's QMatMul per GGUF type vs our Q8 kernel.
+    Matmul(crate::models::bench::BenchMatmulArgs),
     /// MiniWoB episodes/s (reset + observe + click + reward) with 1 and 2 browser sessions.
     Env(crate::env::bench::BenchEnvArgs),
     /// Paired exp12 episodes per minute (baseline + steered), beside the Python loop (scripts/peer/exp12_loop.py).
     Episodes(crate::experiment::bench::BenchEpisodesArgs),
-}
-
     /// One paired exp12 episode (sequential and batched), decode, prefill and all-layer extraction
     /// on one device, for the GPU comparison with scripts/peer/hf_paired.py (docs/cuda.md).
     Paired(crate::gpu::paired::BenchPairedArgs),
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.which {
         BenchWhich::Decode(d) => crate::models::bench::run(d),
+        BenchWhich::Matmul(m) => crate::models::bench::run_matmul(m),
         BenchWhich::Env(e) => crate::env::bench::run(e),
         BenchWhich::Episodes(e) => crate::experiment::bench::run(e),
+        BenchWhich::Paired(p) => crate::gpu::paired::run(p),
     }
 }
-        BenchWhich::Paired(p) => crate::gpu::paired::run(p),

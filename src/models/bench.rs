@@ -204,3 +204,98 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     println!("steering overhead = `steer` row / `none` row of the same dtype and batch");
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct BenchMatmulArgs {
+    /// Weight shapes `OUTxIN` (default: qwen-coder-0.5b's q, gate/up and down projections).
+    #[arg(long, value_delimiter = ',', default_value = "896x896,4864x896,896x4864")]
+    pub shapes: Vec<String>,
+    /// Activation rows: 1 and 2 are decode (batch 1, a paired episode), more is prefill.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,128")]
+    pub rows: Vec<usize>,
+    /// candle GGUF types to compare with our kernel.
+    #[arg(long, value_delimiter = ',', default_value = "q8_0,q5_0,q4k,q6k")]
+    pub types: Vec<String>,
+    #[arg(long, default_value_t = 20)]
+    pub reps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// Interleaves the implementations rep by rep, so machine noise hits them alike, and reports
+/// medians. Shapes whose input size a type cannot block (k-quants need multiples of 256) are skipped.
+pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
+    use super::q8::Q8Matrix;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    let parse_ty = |s: &str| -> Result<GgmlDType> {
+        Ok(match s {
+            "q8_0" => GgmlDType::Q8_0,
+            "q4_0" => GgmlDType::Q4_0,
+            "q5_0" => GgmlDType::Q5_0,
+            "q4k" => GgmlDType::Q4K,
+            "q6k" => GgmlDType::Q6K,
+            other => anyhow::bail!("--types: unknown `{other}` (q8_0, q4_0, q5_0, q4k, q6k)"),
+        })
+    };
+    println!("threads {}, median of {} reps; GFLOP/s = 2·rows·out·in / time", a.threads, a.reps);
+    println!("| shape | rows | impl | ms | GFLOP/s | vs ours |");
+    println!("|---|---|---|---|---|---|");
+    for shape in &a.shapes {
+        let (n, k) = shape
+            .split_once('x')
+            .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
+            .with_context(|| format!("--shapes: expected OUTxIN, found `{shape}`"))?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu)?;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let ours = Q8Matrix::quantize(&wv, n, k)?;
+        let mut theirs = Vec::new();
+        for t in &a.types {
+            let ty = parse_ty(t)?;
+            if k % ty.block_size() == 0 {
+                theirs.push((t.clone(), QMatMul::from_qtensor(QTensor::quantize(&w, ty)?)?));
+            }
+        }
+        let wt = w.t()?;
+        for &m in &a.rows {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let xv = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + 2];
+            for _ in 0..a.reps {
+                let t0 = Instant::now();
+                std::hint::black_box(ours.matmul(&xv, m)?);
+                times[0].push(t0.elapsed().as_secs_f64());
+                for (i, (_, q)) in theirs.iter().enumerate() {
+                    let t0 = Instant::now();
+                    std::hint::black_box(q.forward(&x)?);
+                    times[i + 1].push(t0.elapsed().as_secs_f64());
+                }
+                let t0 = Instant::now();
+                std::hint::black_box(x.matmul(&wt)?);
+                times[theirs.len() + 1].push(t0.elapsed().as_secs_f64());
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let ours_t = med(&mut times[0]);
+            let flop = 2.0 * (m * n * k) as f64;
+            println!("| {n}x{k} | {m} | ours q8 | {:.3} | {:.1} | 1.00x |", ours_t * 1e3, flop / ours_t / 1e9);
+            for (i, (name, _)) in theirs.iter().enumerate() {
+                let t = med(&mut times[i + 1]);
+                println!(
+                    "| {n}x{k} | {m} | candle {name} | {:.3} | {:.1} | {:.2}x |",
+                    t * 1e3,
+                    flop / t / 1e9,
+                    t / ours_t
+                );
+            }
+            let t = med(&mut times[theirs.len() + 1]);
+            let (ms, gf, rel) = (t * 1e3, flop / t / 1e9, t / ours_t);
+            println!("| {n}x{k} | {m} | candle f32 dense | {ms:.3} | {gf:.1} | {rel:.2}x |");
+        }
+    }
+    Ok(())
+}
