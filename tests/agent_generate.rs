@@ -2,8 +2,7 @@
 //! prefix once) gives the same greedy tokens as plain batched generation, steered rows included,
 //! on smollm2-135m f32 and the real prompt builder's format.
 use candle_core::{Device, Tensor};
-use miniwob_steer::agent::generator::generate_shared;
-use miniwob_steer::models::generate::{generate, GenerateConfig};
+use miniwob_steer::models::generate::{generate, generate_shared, GenerateConfig};
 use miniwob_steer::models::hooks::{HookPoint, HookSpec, Positions};
 use miniwob_steer::models::load::LoadedModel;
 use miniwob_steer::models::tokenizer::ChatMessage;
@@ -32,7 +31,7 @@ fn prefix_sharing_matches_plain_generation() {
         ..Default::default()
     };
     let plain = generate(&m.decoder, &prompts, &cfg, &spec, &mut Default::default()).unwrap();
-    let shared = generate_shared(&m, &prompts, &cfg, &spec).unwrap();
+    let shared = generate_shared(&m.decoder, &prompts, &cfg, &spec).unwrap();
     for (i, (p, s)) in plain.iter().zip(&shared).enumerate() {
         assert_eq!(p.tokens, s.tokens, "row {i}");
         assert_eq!(p.prompt_tokens, s.prompt_tokens);

@@ -168,56 +168,6 @@ fn serve(
     }
 }
 
-/// Generation with prefix sharing (DESIGN.md §3): with the `last` position selector, rows with the
-/// same prompt (the baseline and steered rows of one episode) have identical keys and values for
-/// every prompt position but the last. Each distinct prompt's prefix is prefilled once without
-/// hooks, the KV cache is forked into the rows, then the last prompt token of every row runs with
-/// the per-row steering and decoding continues as usual.
-pub fn generate_shared(
-    model: &LoadedModel,
-    prompts: &[Vec<u32>],
-    cfg: &GenerateConfig,
-    spec: &HookSpec,
-) -> Result<Vec<generate::Generation>> {
-    use crate::models::hooks::StepInfo;
-    let mut unique: Vec<&Vec<u32>> = Vec::new();
-    let mut row_of: Vec<usize> = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        match unique.iter().position(|u| *u == p) {
-            Some(i) => row_of.push(i),
-            None => {
-                row_of.push(unique.len());
-                unique.push(p);
-            }
-        }
-    }
-    if unique.len() == prompts.len() || prompts.iter().any(|p| p.len() < 2) {
-        return generate::generate(&model.decoder, prompts, cfg, spec, &mut Default::default());
-    }
-    for p in prompts {
-        model.decoder.check_ids(p)?;
-    }
-    let prefixes: Vec<Vec<u32>> = unique.iter().map(|p| p[..p.len() - 1].to_vec()).collect();
-    let (ids, pads) = generate::left_pad(&prefixes, cfg.pad_id, model.decoder.device())?;
-    let mut shared = model.decoder.new_state(pads.clone());
-    let mut caps = Default::default();
-    model.decoder.forward(&ids, &mut shared, &StepInfo::prefill(pads), &HookSpec::none(), &mut caps, false)?;
-    let mut state = shared.select_rows(&row_of)?;
-    let last: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
-    let last = candle_core::Tensor::from_vec(last, (prompts.len(), 1), model.decoder.device())?;
-    // One new column per row: with `last`, exactly the position the steering applies to.
-    let logits = model.decoder.forward(&last, &mut state, &StepInfo::decode(prompts.len()), spec, &mut caps, false)?;
-    generate::continue_generation(
-        &model.decoder,
-        &mut state,
-        logits,
-        prompts.iter().map(|p| p.len()).collect(),
-        cfg,
-        spec,
-        &mut caps,
-    )
-}
-
 fn run_batch(
     model: &LoadedModel,
     steering: Option<&Steering>,
@@ -239,7 +189,7 @@ fn run_batch(
             HookSpec::none()
         }
     };
-    let gens = generate_shared(model, &prompts, gen_cfg, &spec)?;
+    let gens = generate::generate_shared(&model.decoder, &prompts, gen_cfg, &spec)?;
     gens.into_iter()
         .zip(&prompts)
         .map(|(g, p)| {

@@ -1,9 +1,10 @@
 //! Batched KV-cache generation with left padding, greedy or seeded sampling, stop tokens.
 use super::decoder::{Decoder, State};
-use super::hooks::{Captures, HookSpec, StepInfo};
+use super::hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
@@ -185,6 +186,150 @@ pub fn prefill(
     let mut caps = Captures::default();
     let logits = model.forward(&ids, &mut state, &StepInfo::prefill(pads.clone()), spec, &mut caps, false)?;
     Ok((logits.squeeze(1)?, caps, pads))
+}
+
+/// Generation with prefix sharing (DESIGN.md §3): with the `last` position selector, rows with
+/// the same prompt (the baseline and steered rows of one episode) have identical keys and values
+/// for every prompt position but the last. Each distinct prompt's prefix is prefilled once
+/// without hooks, the KV cache is forked into the rows, then the last prompt token of every row
+/// runs with the per-row steering and decoding continues as usual. Specs whose interventions
+/// select other positions than `last` fall back to [`generate`].
+pub fn generate_shared(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    spec: &HookSpec,
+) -> Result<Vec<Generation>> {
+    let mut unique: Vec<&Vec<u32>> = Vec::new();
+    let mut row_of: Vec<usize> = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        match unique.iter().position(|u| *u == p) {
+            Some(i) => row_of.push(i),
+            None => {
+                row_of.push(unique.len());
+                unique.push(p);
+            }
+        }
+    }
+    let only_last = spec.interventions.iter().all(|iv| iv.positions == Positions::Last) && spec.captures.is_empty();
+    if unique.len() == prompts.len() || prompts.iter().any(|p| p.len() < 2) || !only_last {
+        return generate(model, prompts, cfg, spec, &mut Default::default());
+    }
+    crate::gpu::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
+    let (mut state, logits) = prefill_forked(model, &unique, &row_of, cfg.pad_id, spec)?;
+    let lens = prompts.iter().map(|p| p.len()).collect();
+    continue_generation(model, &mut state, logits, lens, cfg, spec, &mut Captures::default())
+}
+
+/// The prefill half of [`generate_shared`]: prefills every distinct prompt without its last
+/// token, forks the cache so that row `r` continues `unique[row_of[r]]`, then runs each row's
+/// last token with `spec` (whose interventions must select `last`). Returns the forked state
+/// and the last-position logits `[rows, 1, vocab]`.
+pub fn prefill_forked(
+    model: &Decoder,
+    unique: &[&Vec<u32>],
+    row_of: &[usize],
+    pad_id: u32,
+    spec: &HookSpec,
+) -> Result<(State, Tensor)> {
+    if let Some(iv) = spec.interventions.iter().find(|iv| iv.positions != Positions::Last) {
+        bail!("prefix sharing needs the `last` position selector, found {:?} at `{}`", iv.positions, iv.point);
+    }
+    for p in unique {
+        model.check_ids(p)?;
+        if p.len() < 2 {
+            bail!("prefix sharing needs prompts of at least 2 tokens, found {}", p.len());
+        }
+    }
+    let prefixes: Vec<Vec<u32>> = unique.iter().map(|p| p[..p.len() - 1].to_vec()).collect();
+    let (ids, pads) = left_pad(&prefixes, pad_id, model.device())?;
+    let mut shared = model.new_state(pads.clone());
+    let mut caps = Captures::default();
+    model.forward(&ids, &mut shared, &StepInfo::prefill(pads), &HookSpec::none(), &mut caps, false)?;
+    let mut state = shared.select_rows(row_of)?;
+    let last: Vec<u32> = row_of.iter().map(|&u| unique[u][unique[u].len() - 1]).collect();
+    let last = Tensor::from_vec(last, (row_of.len(), 1), model.device())?;
+    // One new column per row: with `last`, exactly the position the steering applies to.
+    let logits = model.forward(&last, &mut state, &StepInfo::decode(row_of.len()), spec, &mut caps, false)?;
+    Ok((state, logits))
+}
+
+/// Last-position logits (`[n, vocab]`) and captured states (`[n, hidden]` per captured point)
+/// of prompts that share a prefix, such as the positive and negative prompts of one CAA pair
+/// (the same task prompt, then different instructions). The longest common prefix is
+/// prefilled once, forked, and each distinct suffix length runs as one batch on the fork, so
+/// no row needs padding. `spec` may only capture: interventions would need position handling
+/// across the fork that no caller needs.
+pub fn last_states_shared(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    spec: &HookSpec,
+) -> Result<(Tensor, BTreeMap<HookPoint, Tensor>)> {
+    if !spec.interventions.is_empty() {
+        bail!("last_states_shared takes captures only, found {} interventions", spec.interventions.len());
+    }
+    for p in prompts {
+        model.check_ids(p)?;
+    }
+    let lcp = match prompts.split_first() {
+        Some((first, rest)) => {
+            rest.iter().fold(first.len(), |n, p| n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count()))
+        }
+        None => bail!("no prompts"),
+    };
+    // Every row needs at least one token of its own after the prefix (its last position).
+    let lcp = lcp.min(prompts.iter().map(|p| p.len()).min().unwrap_or(0).saturating_sub(1));
+    let last_of = |h: Tensor| -> Result<Tensor> {
+        let seq = h.dim(1)?;
+        Ok(h.narrow(1, seq - 1, 1)?.squeeze(1)?)
+    };
+    if lcp < 2 {
+        let (logits, caps, _) = prefill(model, prompts, pad_id, spec)?;
+        let states = spec.captures.iter().map(|&p| Ok((p, last_of(caps.get(p)?)?))).collect::<Result<_>>()?;
+        return Ok((logits, states));
+    }
+    crate::gpu::memory::guard(model, &prompts[..1], 0, spec)?;
+    let prefix = Tensor::from_vec(prompts[0][..lcp].to_vec(), (1, lcp), model.device())?;
+    let mut shared = model.new_state(vec![0]);
+    model.forward(
+        &prefix,
+        &mut shared,
+        &StepInfo::prefill(vec![0]),
+        &HookSpec::none(),
+        &mut Captures::default(),
+        false,
+    )?;
+    let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let mut rows_logits: Vec<Option<Tensor>> = vec![None; prompts.len()];
+    let mut rows_states: BTreeMap<HookPoint, Vec<Option<Tensor>>> =
+        spec.captures.iter().map(|&p| (p, vec![None; prompts.len()])).collect();
+    for len in lengths {
+        let rows: Vec<usize> = (0..prompts.len()).filter(|&r| prompts[r].len() == len).collect();
+        let ids: Vec<u32> = rows.iter().flat_map(|&r| prompts[r][lcp..].iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, (rows.len(), len - lcp), model.device())?;
+        let mut state = shared.select_rows(&vec![0; rows.len()])?;
+        let mut caps = Captures::default();
+        // A continuation of real tokens: `decode` marks every column real (no padding).
+        let logits = model.forward(&ids, &mut state, &StepInfo::decode(rows.len()), spec, &mut caps, false)?;
+        let logits = logits.squeeze(1)?;
+        for (i, &r) in rows.iter().enumerate() {
+            rows_logits[r] = Some(logits.get(i)?);
+        }
+        for (&p, out) in rows_states.iter_mut() {
+            let last = last_of(caps.get(p)?)?;
+            for (i, &r) in rows.iter().enumerate() {
+                out[r] = Some(last.get(i)?);
+            }
+        }
+    }
+    let stack = |v: Vec<Option<Tensor>>| -> Result<Tensor> {
+        Ok(Tensor::stack(&v.into_iter().map(|t| t.expect("every row is in one length group")).collect::<Vec<_>>(), 0)?)
+    };
+    let states = rows_states.into_iter().map(|(p, v)| Ok((p, stack(v)?))).collect::<Result<_>>()?;
+    Ok((stack(rows_logits)?, states))
 }
 
 /// Top-k (id, logit) pairs of a `[vocab]` logits tensor, highest first.

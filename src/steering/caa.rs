@@ -35,7 +35,8 @@ impl Method {
 pub struct CaaOptions {
     pub layers: Vec<usize>,
     pub method: Method,
-    /// Rows per forward batch (positive and negative rows count separately).
+    /// Rows per generation batch for `Method::Response` (activations are read pair by pair, each
+    /// pair prefilling its shared prefix once).
     pub batch_size: usize,
     /// Response length for `Method::Response`.
     pub response_tokens: usize,
@@ -66,12 +67,14 @@ fn progress(n: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Last-position hidden states `[rows, hidden]` per layer for a list of prompts, batched.
+/// Last-position hidden states `[hidden]` per layer for a list of (positive, negative) prompt
+/// rows, in order. Consecutive rows `2k`, `2k + 1` are one pair: they share the task prompt, so
+/// each pair's common prefix is prefilled once and forked (DESIGN.md §3), which roughly halves
+/// the prefill work. Rows without a partner run as one plain prefill.
 fn last_states(
     model: &LoadedModel,
     prompts: &[Vec<u32>],
     layers: &[usize],
-    batch: usize,
     pb: &ProgressBar,
 ) -> Result<BTreeMap<usize, Vec<Tensor>>> {
     let mut spec = HookSpec::none();
@@ -80,13 +83,10 @@ fn last_states(
     }
     let pad = model.tokenizer.pad_token_id().unwrap_or(0);
     let mut out: BTreeMap<usize, Vec<Tensor>> = layers.iter().map(|&l| (l, Vec::new())).collect();
-    for chunk in prompts.chunks(batch.max(1)) {
-        let (_, caps, _) = generate::prefill(&model.decoder, chunk, pad, &spec)?;
+    for chunk in prompts.chunks(2) {
+        let (_, states) = generate::last_states_shared(&model.decoder, chunk, pad, &spec)?;
         for &l in layers {
-            let h = caps.get(HookPoint::ResidPost(l))?;
-            let seq = h.dim(1)?;
-            // Left padding puts every row's last token in the last column.
-            let last = h.narrow(1, seq - 1, 1)?.squeeze(1)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let last = states[&HookPoint::ResidPost(l)].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
             for r in 0..chunk.len() {
                 out.get_mut(&l).unwrap().push(last.get(r)?);
             }
@@ -176,7 +176,7 @@ pub fn compute(
         prompts = with_resp;
     }
     let pb = progress(prompts.len() as u64, "activations");
-    let states = last_states(model, &prompts, &opts.layers, opts.batch_size, &pb)?;
+    let states = last_states(model, &prompts, &opts.layers, &pb)?;
     pb.finish_and_clear();
     let h = model.decoder.cfg.hidden_size;
     let mut layers = BTreeMap::new();
