@@ -412,3 +412,24 @@ fn text_path_loads_the_llm_of_a_qwen2_vl_directory() {
     let e = rel_err(&logits.squeeze(0).unwrap(), &r("text.logits"));
     assert!(e <= TOL, "text-only logits through the text path: rel err {e}");
 }
+
+/// Forked generation (one prefill of the prompt but its last token, KV cache forked into the
+/// rows, per-row steering from the last token on) equals generating the rows separately.
+#[test]
+fn forked_generation_equals_the_plain_batch() {
+    let m = model();
+    let h = m.cfg.text.hidden_size;
+    let v = Tensor::ones(h, DType::F32, &Device::Cpu).unwrap();
+    let spec = HookSpec::none().add(HookPoint::ResidPost(1), v, vec![0.0, 3.0, -3.0], Positions::Last);
+    let cfg = GenerateConfig { max_new_tokens: 6, stop_ids: vec![], ..Default::default() };
+    for sample in SAMPLES {
+        let input = reference_input(sample);
+        let plain = m.generate(&vec![input.clone(); 3], &cfg, &spec).unwrap();
+        let forked = m.generate_forked(&input, 3, &cfg, &spec).unwrap();
+        let toks =
+            |g: &[miniwob_steer::models::generate::Generation]| g.iter().map(|x| x.tokens.clone()).collect::<Vec<_>>();
+        assert_eq!(toks(&forked), toks(&plain), "{sample}");
+        assert_eq!(forked[0].tokens, ids_of(&format!("{sample}.greedy_ids")), "{sample}: α = 0 row is the golden");
+        assert_ne!(forked[1].tokens, forked[0].tokens, "{sample}: steering had no effect");
+    }
+}

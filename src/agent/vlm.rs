@@ -147,7 +147,8 @@ impl VlmEngine {
             };
             let rows = vec![input.clone(); coeffs.len()];
             let t0 = Instant::now();
-            let gens = me.model.generate(&rows, &cfg, &spec)?;
+            // Rows differ only from the last prompt token on: one prefill, forked.
+            let gens = me.model.generate_forked(&input, rows.len(), &cfg, &spec)?;
             let image_tokens = input.ids.iter().filter(|&&t| t == me.model.cfg.image_token_id).count();
             tracing::debug!(
                 rows = rows.len(),
