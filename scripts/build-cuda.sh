@@ -14,9 +14,10 @@
 #    finds the CUDA libraries of the GPU machine's torch install, libcudart as a fallback,
 #    BUILD-INFO). Prints sizes.
 #
-# Usage: scripts/build-cuda.sh [--env-only] [--no-pack]
+# Usage: scripts/build-cuda.sh [--env-only] [--no-pack] [--pack-only]
 #   --env-only   only prepare the toolkit and print `export` lines (eval "$(scripts/build-cuda.sh --env-only)")
 #   --no-pack    build but do not pack
+#   --pack-only  pack the binary already in target/cuda (no cargo build)
 # Environment: CUDA_COMPUTE_CAP (default 90), CUDA_CACHE, NICE (default 10), CARGO_BUILD_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +25,13 @@ REPO="$PWD"
 
 ENV_ONLY=0
 PACK=1
+BUILD=1
 for arg in "$@"; do
   case "$arg" in
     --env-only) ENV_ONLY=1 ;;
     --no-pack) PACK=0 ;;
-    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    --pack-only) BUILD=0 ;;
+    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
     *) echo "build-cuda.sh: unknown argument $arg (expected --env-only or --no-pack)" >&2; exit 2 ;;
   esac
 done
@@ -119,13 +122,16 @@ if [ "$ENV_ONLY" = 1 ]; then
   exit 0
 fi
 
-"$NVCC" --version | tail -2 >&2
-log "cargo build --release --features cuda (compute capability $CUDA_COMPUTE_CAP) into $CARGO_TARGET_DIR"
-T0=$(date +%s)
-nice -n "${NICE:-10}" cargo build --release --features cuda -p miniwob-steer --bin miniwob-steer
-T1=$(date +%s)
 BIN="$CARGO_TARGET_DIR/release/miniwob-steer"
-log "built in $((T1 - T0)) s: $BIN ($(du -h "$BIN" | cut -f1))"
+if [ "$BUILD" = 1 ]; then
+  "$NVCC" --version | tail -2 >&2
+  log "cargo build --release --features cuda (compute capability $CUDA_COMPUTE_CAP) into $CARGO_TARGET_DIR"
+  T0=$(date +%s)
+  nice -n "${NICE:-10}" cargo build --release --features cuda -p miniwob-steer --bin miniwob-steer
+  T1=$(date +%s)
+  log "built in $((T1 - T0)) s: $BIN ($(du -h "$BIN" | cut -f1))"
+fi
+[ -x "$BIN" ] || { echo "build-cuda.sh: no binary at $BIN to pack" >&2; exit 1; }
 [ "$PACK" = 1 ] || exit 0
 
 DIST="$REPO/dist/miniwob-steer-cuda"
@@ -163,20 +169,21 @@ export PATH="$_MSC_HERE/bin:$PATH"
 unset _MSC_HERE _MSC_PY _MSC_LIBS _d
 ENVEOF
 {
-  echo "miniwob-steer $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown) --features cuda"
-  echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(nvcc --version | tail -1)"
+  echo "miniwob-steer --features cuda; source tree at packing: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
+  echo "binary built $(date -u -r "$BIN" +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(nvcc --version | tail -1)"
   echo "compute capability: $CUDA_COMPUTE_CAP (CUDA_COMPUTE_CAP)"
   echo "wheels: ${WHEELS[*]}"
   echo "needs at run time (NEEDED):"
   readelf -d "$DIST/bin/miniwob-steer" | awk '/NEEDED/{print "  " $NF}' | tr -d '[]'
 } > "$DIST/BUILD-INFO"
 cat "$DIST/BUILD-INFO" >&2
-OUT="$REPO/dist/miniwob-steer-cuda.tar.zst"
+# .tar.gz always (any machine unpacks it); .tar.zst too when zstd is here (smaller).
+rm -f "$REPO"/dist/miniwob-steer-cuda.tar.*
+tar -C "$REPO/dist" -cf - miniwob-steer-cuda | gzip -9 > "$REPO/dist/miniwob-steer-cuda.tar.gz"
+OUT="$REPO/dist/miniwob-steer-cuda.tar.gz"
 if command -v zstd >/dev/null; then
-  tar -C "$REPO/dist" -cf - miniwob-steer-cuda | zstd -q -19 -T0 -f -o "$OUT"
-else
-  OUT="$REPO/dist/miniwob-steer-cuda.tar.gz"
-  tar -C "$REPO/dist" -czf "$OUT" miniwob-steer-cuda
+  tar -C "$REPO/dist" -cf - miniwob-steer-cuda | zstd -q -19 -T0 -f -o "$REPO/dist/miniwob-steer-cuda.tar.zst"
+  OUT="$REPO/dist/miniwob-steer-cuda.tar.zst"
 fi
-log "unpacked: binary $(du -h "$BIN" | cut -f1) built, $(du -h "$DIST/bin/miniwob-steer" | cut -f1) stripped; packed: $OUT $(du -h "$OUT" | cut -f1)"
+log "binary $(du -h "$BIN" | cut -f1) built, $(du -h "$DIST/bin/miniwob-steer" | cut -f1) stripped; packed: $(du -h "$REPO"/dist/miniwob-steer-cuda.tar.* | awk '{printf "%s %s  ", $2, $1}')"
 echo "$OUT"

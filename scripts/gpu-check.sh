@@ -41,7 +41,10 @@ log() { echo "[gpu-check $(date -u +%H:%M:%S)] $*" >&2; }
 if [ -z "$BIN" ]; then
   PKG="$REPO/dist/miniwob-steer-cuda"
   if [ ! -x "$PKG/bin/miniwob-steer" ]; then
-    if [ -f "$REPO/dist/miniwob-steer-cuda.tar.zst" ]; then
+    if [ -f "$REPO/dist/miniwob-steer-cuda.tar.gz" ] && ! command -v zstd >/dev/null; then
+      log "unpacking dist/miniwob-steer-cuda.tar.gz"
+      tar -C "$REPO/dist" -xzf "$REPO/dist/miniwob-steer-cuda.tar.gz"
+    elif [ -f "$REPO/dist/miniwob-steer-cuda.tar.zst" ]; then
       log "unpacking dist/miniwob-steer-cuda.tar.zst"
       if command -v zstd >/dev/null; then
         zstd -dc "$REPO/dist/miniwob-steer-cuda.tar.zst" | tar -C "$REPO/dist" -xf -
