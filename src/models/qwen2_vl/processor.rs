@@ -129,11 +129,10 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output index, the first input
 /// index and the fixed-point weights.
-fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, usize) {
+fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
     let mut out = Vec::with_capacity(out_size);
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
@@ -160,7 +159,7 @@ fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, Vec<i32>)>, usize) {
             .collect();
         out.push((xmin, k));
     }
-    (out, ksize)
+    out
 }
 
 fn clip8(x: i64) -> u8 {
@@ -178,7 +177,7 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     let mut cur: Vec<u8> = src.clone();
     let (mut cw, ch) = (w0, h0);
     if width != w0 {
-        let (k, _) = coeffs(w0, width);
+        let k = coeffs(w0, width);
         let mut out = vec![0u8; width * ch * 3];
         for y in 0..ch {
             for (x, (xmin, ws)) in k.iter().enumerate() {
@@ -195,7 +194,7 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
         cw = width;
     }
     if height != h0 {
-        let (k, _) = coeffs(h0, height);
+        let k = coeffs(h0, height);
         let mut out = vec![0u8; cw * height * 3];
         for (y, (ymin, ws)) in k.iter().enumerate() {
             for x in 0..cw {
