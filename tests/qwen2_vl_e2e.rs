@@ -213,6 +213,14 @@ fn real_size_figures() {
         pre.logits = model.decode_step(&next, &mut pre.state, &pre.deltas, &spec, &mut caps).unwrap();
     }
     let decode_s = t3.elapsed().as_secs_f64() / steps as f64;
+    drop(pre);
+    // A whole paired turn as the runner does it: forked (one prefill, vision included) + 8 tokens.
+    let cfg =
+        miniwob_steer::models::generate::GenerateConfig { max_new_tokens: 8, stop_ids: vec![], ..Default::default() };
+    let t4 = std::time::Instant::now();
+    model.generate_forked(&input, 2, &cfg, &spec).unwrap();
+    let forked_s = t4.elapsed().as_secs_f64();
+    eprintln!("real-size forked paired turn (vision + 1 prefill + 8 tokens × 2 rows): {forked_s:.1}s");
     eprintln!(
         "real-size Qwen2-VL ({}, {} threads): load {load_s:.1}s (peak RSS {rss_load:.0} MB), prompt {} tokens ({n_img} image), \
          vision tower {vision_s:.2}s (1 image), LLM prefill 2 rows {prefill_s:.2}s, decode {:.3}s/step (2 rows), peak RSS {:.0} MB",
