@@ -5,17 +5,18 @@ f32), for tests/gguf_goldens.rs.
 Writes tests/fixtures/<name>/logits.json for each GGUF present under $MINIWOB_STEER_HOME/models:
   smollm2  SmolLM2-135M-Instruct.Q4_1.gguf   (required)
   qwen2    qwen2.5-coder-0.5b-instruct.gguf  (if present)
+  qwen2-1.5b  qwen2.5-coder-1.5b-instruct-q4_k_m.gguf  (if present; fetched on request)
 
 Per chat prompt: the prompt ids (from the model's chat template, rendered by transformers), the
 top-64 last-position logits, the logits at 512 fixed random vocabulary ids (so a cosine over a fixed
 sample of the vocabulary can be checked without committing full-vocabulary vectors), and the greedy
-continuation (`NEW_TOKENS` tokens, no stop). For qwen2 also the layer-12 output (the point
+continuation (`NEW_TOKENS` tokens, no stop). For qwen2 (qwen2-1.5b) also the layer-12 (14) output (the point
 `blocks.12.hook_resid_post`, captured with a forward hook) of the first prompt, every position.
 
 The tokenizer fixes of smollm2_tokenizer.py apply: the ids come from the corrected tokenizer, so the
 Rust side can be checked on exactly the same inputs.
 
-Run: target/py/bin/python scripts/goldens/gguf_goldens.py
+Run: target/py/bin/python scripts/goldens/gguf_goldens.py [smollm2 qwen2 qwen2-1.5b]
 """
 
 import json
@@ -93,16 +94,26 @@ def write(name, gguf, fix, new_tokens, hidden_layer=None):
 
 
 def main():
+    # `gguf_goldens.py [NAME...]` regenerates only the named fixtures (smollm2, qwen2, qwen2-1.5b).
+    only = set(sys.argv[1:])
     torch.set_num_threads(2)
-    smollm = HOME / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not smollm.exists():
-        sys.exit(f"missing {smollm}: run scripts/setup.sh first")
-    write("smollm2", smollm, fix_smollm, new_tokens=12)
-    qwen = HOME / "models" / "qwen-coder-0.5b" / "qwen2.5-coder-0.5b-instruct.gguf"
-    if qwen.exists():
-        write("qwen2", qwen, fix_qwen2, new_tokens=16, hidden_layer=12)
-    else:
-        print(f"skipping qwen2: no {qwen}")
+    models = [
+        ("smollm2", "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf", fix_smollm, 12, None),
+        ("qwen2", "qwen-coder-0.5b/qwen2.5-coder-0.5b-instruct.gguf", fix_qwen2, 16, 12),
+        # The 1.5B is fetched on request (scripts/setup.sh --models qwen-coder-1.5b); layer 14 is
+        # its auto layer, the steering point of Qwen2-VL-2B's same-shaped text tower.
+        ("qwen2-1.5b", "qwen-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", fix_qwen2, 16, 14),
+    ]
+    for name, rel, fix, new_tokens, layer in models:
+        if only and name not in only:
+            continue
+        path = HOME / "models" / rel
+        if not path.exists():
+            if name == "smollm2":
+                sys.exit(f"missing {path}: run scripts/setup.sh first")
+            print(f"skipping {name}: no {path}")
+            continue
+        write(name, path, fix, new_tokens=new_tokens, hidden_layer=layer)
 
 
 if __name__ == "__main__":
