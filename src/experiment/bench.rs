@@ -16,9 +16,9 @@ pub const BENCH_TASKS: &str =
 
 #[derive(clap::Args, Debug)]
 pub struct BenchEpisodesArgs {
-    #[arg(long, default_value = "smollm2-135m")]
+    #[arg(long, default_value = crate::models::registry::DEFAULT_MODEL)]
     pub model: String,
-    /// auto (bf16 on a GPU, f32 on the CPU), f32, f16, bf16 or gguf.
+    /// auto (bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32), f32, f16, bf16 or gguf.
     #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
     /// cpu, cuda, cuda:N or auto.
@@ -62,7 +62,7 @@ fn settings(
     Ok(Settings {
         experiment: "bench".into(),
         model: a.model.clone(),
-        dtype: a.dtype.resolve(&crate::models::cli::parse_device(&a.device)?),
+        dtype: a.dtype.resolve_for(&crate::models::cli::parse_device(&a.device)?, &a.model),
         device: a.device.clone(),
         layer: a.layer.clone(),
         coeffs: vec![a.coeff],

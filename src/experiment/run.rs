@@ -31,7 +31,7 @@ pub struct RunArgs {
     /// model, else qwen-coder-0.5b].
     #[arg(long)]
     pub model: Option<String>,
-    /// Weight dtype: auto, f32, f16, bf16 or gguf [default: auto = bf16 on a GPU, f32 on the CPU].
+    /// Weight dtype: auto, f32, f16, bf16 or gguf [default: auto = bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32].
     #[arg(long)]
     pub dtype: Option<DTypeChoice>,
     /// cpu, cuda, cuda:N or auto (the GPU when this binary has CUDA and one is visible).
@@ -196,15 +196,16 @@ impl Settings {
         if out.extension().is_some_and(|e| e == "json") {
             bail!("--out {}: use a .jsonl file (one line per episode)", out.display());
         }
+        let model = a.model.clone().or(f.models.first().cloned()).unwrap_or_else(|| registry::DEFAULT_MODEL.into());
         Ok(Settings {
             experiment: a.name.clone().or(f.name.clone()).unwrap_or_else(|| "exp12".into()),
-            model: a.model.clone().or(f.models.first().cloned()).unwrap_or_else(|| registry::DEFAULT_MODEL.into()),
+            model: model.clone(),
             dtype: match (a.dtype, &f.dtype) {
                 (Some(d), _) => d,
                 (None, Some(s)) => s.parse::<DTypeChoice>().map_err(|e| anyhow::anyhow!("dtype {s:?}: {e}"))?,
                 (None, None) => DTypeChoice::Auto,
             }
-            .resolve(&parse_device(&a.device)?),
+            .resolve_for(&parse_device(&a.device)?, &model),
             device: a.device.clone(),
             layer: a.layer.clone().or(f.layers.first().map(|l| l.to_string())).unwrap_or_else(|| "auto".into()),
             coeffs,
@@ -556,7 +557,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let s = Settings::resolve(&a)?;
     let summary = if a.vlm || super::vlm::is_vlm_model(&s.model) {
         if !super::vlm::is_vlm_model(&s.model) {
-            bail!("--vlm needs a vision-language model (--model qwen-vl-2b or a Qwen2-VL directory); `{}` is not one", s.model);
+            bail!(
+                "--vlm needs a vision-language model (--model qwen-vl-2b or a Qwen2-VL directory); `{}` is not one",
+                s.model
+            );
         }
         super::vlm::execute(&s, a.vector_cache.as_deref(), !a.no_progress)?
     } else {

@@ -1,6 +1,7 @@
 //! Device and dtype resolution shared by every command that runs a model:
 //! `--device auto|cpu|cuda[:N]` and `--dtype auto|f32|f16|bf16|gguf`, where `auto` is bf16 on a
-//! GPU and f32 on the CPU (the reference path; f32 stays available on a GPU for golden checks).
+//! GPU; on the CPU it is `gguf` for a GGUF checkpoint and f32 otherwise (f32 is the reference
+//! path and stays available everywhere for golden checks).
 use crate::models::weights::WeightDType;
 use anyhow::Result;
 use candle_core::{Device, DeviceLocation};
@@ -18,10 +19,9 @@ impl std::str::FromStr for DTypeChoice {
     fn from_str(s: &str) -> Result<Self> {
         match s.trim() {
             "auto" => Ok(DTypeChoice::Auto),
-            other => other
-                .parse::<WeightDType>()
-                .map(DTypeChoice::Fixed)
-                .map_err(|e| anyhow::anyhow!("{e} (or auto: bf16 on a GPU, f32 on the CPU)")),
+            other => other.parse::<WeightDType>().map(DTypeChoice::Fixed).map_err(|e| {
+                anyhow::anyhow!("{e} (or auto: bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32)")
+            }),
         }
     }
 }
@@ -49,10 +49,25 @@ impl DTypeChoice {
             DTypeChoice::Auto => default_dtype(device),
         }
     }
+
+    /// The dtype to load `model` (alias, directory or .gguf) with on `device`. `auto` on the CPU
+    /// keeps a GGUF checkpoint quantized: `gguf` decodes 2–3× faster there than dequantized f32
+    /// (our 8-bit kernel, `models/q8.rs`) and prefills at f32 speed (see docs/exp12.md); other
+    /// checkpoints load in f32.
+    pub fn resolve_for(self, device: &Device, model: &str) -> WeightDType {
+        let gguf = || {
+            crate::models::registry::resolve(model)
+                .is_ok_and(|r| matches!(r.location, crate::models::registry::Location::Gguf(_)))
+        };
+        match self {
+            DTypeChoice::Auto if device.is_cpu() && gguf() => WeightDType::Gguf,
+            other => other.resolve(device),
+        }
+    }
 }
 
 /// bf16 on a GPU (half the bytes per decode step, tensor cores), f32 on the CPU (the reference
-/// path, and the faster one for dequantized GGUF weights there).
+/// path). GGUF checkpoints on the CPU get `gguf` instead: see [`DTypeChoice::resolve_for`].
 pub fn default_dtype(device: &Device) -> WeightDType {
     if device.is_cuda() {
         WeightDType::BF16
@@ -178,6 +193,24 @@ pub fn synchronize(device: &Device) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dtype_auto_keeps_gguf_checkpoints_quantized_on_cpu() {
+        let dir = std::env::temp_dir().join(format!("mws-dtype-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let gguf = dir.join("m.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        let cpu = Device::Cpu;
+        assert_eq!(DTypeChoice::Auto.resolve_for(&cpu, gguf.to_str().unwrap()), WeightDType::Gguf);
+        // A transformers directory (or anything unresolvable) stays on the f32 reference path.
+        std::fs::write(dir.join("config.json"), b"{}").unwrap();
+        assert_eq!(DTypeChoice::Auto.resolve_for(&cpu, dir.to_str().unwrap()), WeightDType::F32);
+        assert_eq!(DTypeChoice::Auto.resolve_for(&cpu, "/no/such/model"), WeightDType::F32);
+        // An explicit choice always wins.
+        let f32 = DTypeChoice::Fixed(WeightDType::F32);
+        assert_eq!(f32.resolve_for(&cpu, gguf.to_str().unwrap()), WeightDType::F32);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn dtype_auto_is_f32_on_cpu_and_fixed_values_pass_through() {

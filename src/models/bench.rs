@@ -121,7 +121,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let resolved = registry::resolve(&a.model.model)?;
     let device = super::cli::parse_device(&a.model.device)?;
-    let dtypes = if a.dtypes.is_empty() { vec![a.model.dtype.resolve(&device)] } else { a.dtypes.clone() };
+    let dtypes =
+        if a.dtypes.is_empty() { vec![a.model.dtype.resolve_for(&device, &a.model.model)] } else { a.dtypes.clone() };
     let python = a.python.clone().or_else(|| {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
         p.exists().then_some(p)

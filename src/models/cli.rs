@@ -38,8 +38,8 @@ pub struct ModelArgs {
     /// Registry alias, transformers checkpoint directory, or .gguf file.
     #[arg(long, default_value = registry::DEFAULT_MODEL)]
     pub model: String,
-    /// Weight dtype: auto (bf16 on a GPU, f32 on the CPU), f32 (dequantized reference path), f16,
-    /// bf16, or gguf (keep quantized).
+    /// Weight dtype: auto (bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32), f32
+    /// (dequantized reference path), f16, bf16, or gguf (keep quantized).
     #[arg(long, default_value = "auto")]
     pub dtype: DTypeChoice,
     /// cpu, cuda, cuda:N or auto (the GPU when this binary has CUDA and one is visible).
@@ -50,7 +50,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
-        LoadedModel::load(&self.model, &device, self.dtype.resolve(&device))
+        LoadedModel::load(&self.model, &device, self.dtype.resolve_for(&device, &self.model))
     }
 }
 
