@@ -584,6 +584,9 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
     type Group = (String, String, String, String);
     let mut base: BTreeMap<Group, Tally> = BTreeMap::new();
     let mut steer: BTreeMap<(Group, String), Tally> = BTreeMap::new();
+    // Success per (task, seed), for the paired differences behind the Δ interval.
+    let mut base_by_ep: BTreeMap<(Group, String, u64), bool> = BTreeMap::new();
+    let mut steer_by_ep: BTreeMap<(Group, String), Vec<(String, u64, bool)>> = BTreeMap::new();
     for f in files {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         for l in text.lines().filter_map(|l| serde_json::from_str::<EpisodeLine>(l).ok()) {
@@ -594,20 +597,23 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
                 l.prompt_pair.clone().unwrap_or_else(|| "-".into()),
             );
             if l.condition == "baseline" {
+                base_by_ep.insert((g.clone(), l.task.clone(), l.seed), l.success);
                 base.entry(g).or_default().add(l.success, l.parse_failure);
             } else {
-                steer.entry((g, format!("{}", l.coeff))).or_default().add(l.success, l.parse_failure);
+                let key = (g, format!("{}", l.coeff));
+                steer_by_ep.entry(key.clone()).or_default().push((l.task.clone(), l.seed, l.success));
+                steer.entry(key).or_default().add(l.success, l.parse_failure);
             }
         }
     }
-    println!("| experiment | model | layer | pair | α | n | baseline success | steered success | Δ (pp) | baseline parse fail | steered parse fail |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| experiment | model | layer | pair | α | n | baseline success | steered success | Δ (pp) | Δ 95% CI (pp, paired) | baseline parse fail | steered parse fail |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
     for (g, b) in &base {
         let rows: Vec<_> = steer.iter().filter(|((sg, _), _)| sg == g).collect();
         if rows.is_empty() {
             println!(
-                "| {} | {} | {} | {} | - | {} | {} | - | - | {} | - |",
+                "| {} | {} | {} | {} | - | {} | {} | - | - | - | {} | - |",
                 g.0,
                 g.1,
                 g.2,
@@ -617,9 +623,21 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
                 pct(b.pf_rate())
             );
         }
-        for ((_, c), t) in rows {
+        for (key @ (_, c), t) in rows {
+            let diffs: Vec<f64> = steer_by_ep
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|(task, seed, ok)| {
+                    base_by_ep
+                        .get(&(g.clone(), task.clone(), *seed))
+                        .map(|&b| f64::from(u8::from(*ok)) - f64::from(u8::from(b)))
+                })
+                .collect();
+            let ci =
+                paired_ci95(&diffs).map_or("-".into(), |(lo, hi)| format!("[{:+.1}, {:+.1}]", 100.0 * lo, 100.0 * hi));
             println!(
-                "| {} | {} | {} | {} | {c} | {} | {} | {} | {:+.1} | {} | {} |",
+                "| {} | {} | {} | {} | {c} | {} | {} | {} | {:+.1} | {ci} | {} | {} |",
                 g.0,
                 g.1,
                 g.2,
@@ -634,6 +652,20 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Normal-approximation 95% interval of the mean paired difference (steered − baseline success
+/// on the same task and seed). The `analyze` binary gives bootstrap intervals and McNemar; this
+/// is the dependency-free fallback the quick job prints when analyze is not built.
+pub fn paired_ci95(diffs: &[f64]) -> Option<(f64, f64)> {
+    let n = diffs.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = diffs.iter().sum::<f64>() / n as f64;
+    let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = 1.96 * (var / n as f64).sqrt();
+    Some((mean - half, mean + half))
 }
 
 pub fn print_summary(s: &Summary) {
@@ -924,5 +956,20 @@ mod coeff_tests {
         assert_eq!(super::coeff_f64(-1.5), -1.5);
         assert_eq!(super::coeff_f64(3.0), 3.0);
         assert_eq!(crate::experiment::results::fmt_coeff(super::coeff_f64(0.1)), "0.1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paired_ci95;
+
+    #[test]
+    fn paired_interval_is_the_normal_approximation_of_the_mean_difference() {
+        // mean 1/6, sample variance 17/30, n 6: half width 1.96 * sqrt(17/180) = 0.60234.
+        let (lo, hi) = paired_ci95(&[1.0, 0.0, 0.0, 1.0, -1.0, 0.0]).unwrap();
+        assert!((lo - (1.0 / 6.0 - 0.60234)).abs() < 1e-4, "{lo}");
+        assert!((hi - (1.0 / 6.0 + 0.60234)).abs() < 1e-4, "{hi}");
+        assert_eq!(paired_ci95(&[0.0, 0.0, 0.0]), Some((0.0, 0.0)));
+        assert_eq!(paired_ci95(&[1.0]), None);
     }
 }
