@@ -582,11 +582,13 @@ pub fn run(a: RunArgs) -> Result<()> {
 /// has them).
 pub fn print_table(files: &[PathBuf]) -> Result<()> {
     type Group = (String, String, String, String);
+    /// (task, seed, success) of each steered episode.
+    type Outcomes = Vec<(String, u64, bool)>;
     let mut base: BTreeMap<Group, Tally> = BTreeMap::new();
     let mut steer: BTreeMap<(Group, String), Tally> = BTreeMap::new();
     // Success per (task, seed), for the paired differences behind the Δ interval.
     let mut base_by_ep: BTreeMap<(Group, String, u64), bool> = BTreeMap::new();
-    let mut steer_by_ep: BTreeMap<(Group, String), Vec<(String, u64, bool)>> = BTreeMap::new();
+    let mut steer_by_ep: BTreeMap<(Group, String), Outcomes> = BTreeMap::new();
     for f in files {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         for l in text.lines().filter_map(|l| serde_json::from_str::<EpisodeLine>(l).ok()) {
