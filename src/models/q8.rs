@@ -14,6 +14,8 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 32;
+/// Output columns per work item.
+const COLS: usize = 16;
 
 /// `[n, k]` weights (output rows × input columns), quantized per 32-value block.
 #[derive(Debug, Clone)]
@@ -79,28 +81,32 @@ impl Q8Matrix {
         let kb = k / BLOCK;
         let mut xq = vec![0i8; m * k];
         let mut xd = vec![0f32; m * kb];
-        xq.par_chunks_mut(k).zip(xd.par_chunks_mut(kb)).zip(x.par_chunks(k)).for_each(|((q, d), x)| {
-            quantize_row(x, q, d);
-        });
+        for r in 0..m {
+            quantize_row(&x[r * k..(r + 1) * k], &mut xq[r * k..(r + 1) * k], &mut xd[r * kb..(r + 1) * kb]);
+        }
         let acts = Acts { q: &xq, d: &xd, k };
-        // Output columns are split across threads; each task owns a contiguous run of columns
-        // and writes them transposed (`[n, m]`), so no two tasks touch the same memory.
-        let threads = rayon::current_num_threads().max(1);
-        let cols = (n / (threads * 8)).clamp(8, 256).next_multiple_of(8);
-        let mut out_t = vec![0f32; n * m];
         let avx2 = has_avx2();
-        out_t.par_chunks_mut(cols * m).enumerate().for_each(|(c, out)| {
-            let j0 = c * cols;
-            let ncols = out.len() / m;
-            // Tiles of four rows keep this chunk of weight columns hot in L1 across the rows.
-            for r0 in (0..m).step_by(4) {
-                let rows = (m - r0).min(4);
-                for jj in 0..ncols {
-                    let j = j0 + jj;
-                    let w = &self.qs[j * k..(j + 1) * k];
-                    let wd = &self.d[j * kb..(j + 1) * kb];
-                    let dst = &mut out[jj * m + r0..jj * m + r0 + rows];
-                    dot_rows(avx2, w, wd, &acts, r0, dst);
+        let mut out_t = vec![0f32; n * m];
+        let out_ptr = out_t.as_mut_ptr() as usize;
+        // Runs of COLS output columns are the work items, on candle's CPU pool: the k-quant
+        // layers between ours run there too, and a second (rayon) pool beside its spinning
+        // workers made 2-thread decode slower than 1-thread on 2 cores.
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(COLS), |items| {
+            for c in items {
+                let j0 = c * COLS;
+                let ncols = COLS.min(n - j0);
+                // SAFETY: item `c` alone writes columns j0..j0 + ncols of the transposed output
+                // (`[n, m]`), a range no other item touches, inside `out_t`'s allocation.
+                let out = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(j0 * m), ncols * m) };
+                // Tiles of four rows keep this run of weight columns hot in L1 across the rows.
+                for r0 in (0..m).step_by(4) {
+                    let rows = (m - r0).min(4);
+                    for jj in 0..ncols {
+                        let j = j0 + jj;
+                        let w = &self.qs[j * k..(j + 1) * k];
+                        let wd = &self.d[j * kb..(j + 1) * kb];
+                        dot_rows(avx2, w, wd, &acts, r0, &mut out[jj * m + r0..jj * m + r0 + rows]);
+                    }
                 }
             }
         });
