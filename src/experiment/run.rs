@@ -727,17 +727,7 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
         meta.layer = None;
     }
     let results = ResultsFile::open(&s.out)?;
-    let pending: Vec<(Item, Vec<Arm>)> = items
-        .iter()
-        .filter_map(|it| {
-            let todo: Vec<Arm> = arms
-                .iter()
-                .filter(|a| !results.contains(&meta.key(&it.task, it.seed, a.condition, a.coeff)))
-                .cloned()
-                .collect();
-            (!todo.is_empty()).then(|| (it.clone(), todo))
-        })
-        .collect();
+    let pending = pending(&items, &arms, &results, &meta);
     let planned = items.len() * arms.len();
     tracing::info!(
         shard = %s.shard, planned, done = planned - pending.iter().map(|p| p.1.len()).sum::<usize>(),
@@ -767,12 +757,40 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
         eval_s = e;
         rt.shutdown_timeout(Duration::from_secs(5));
     }
-    // The summary counts every line of this run's (shard's) plan in the file, old and new.
+    drop(results);
+    summarize(s, &meta, &items, &arms, layer, (failed, new_episodes, eval_s), t_run)
+}
+
+/// The plan's (item, arms) pairs that have no line in `results` yet.
+pub(crate) fn pending(items: &[Item], arms: &[Arm], results: &ResultsFile, meta: &RunMeta) -> Vec<(Item, Vec<Arm>)> {
+    items
+        .iter()
+        .filter_map(|it| {
+            let todo: Vec<Arm> = arms
+                .iter()
+                .filter(|a| !results.contains(&meta.key(&it.task, it.seed, a.condition, a.coeff)))
+                .cloned()
+                .collect();
+            (!todo.is_empty()).then(|| (it.clone(), todo))
+        })
+        .collect()
+}
+
+/// The run's summary, counted from the results file: every line of this run's (shard's) plan,
+/// old and new. `outcome` is (failed pairs, new episodes, evaluation seconds).
+pub(crate) fn summarize(
+    s: &Settings,
+    meta: &RunMeta,
+    items: &[Item],
+    arms: &[Arm],
+    layer: Option<usize>,
+    (failed, new_episodes, eval_s): (usize, usize, f64),
+    t_run: Instant,
+) -> Result<Summary> {
     let keys: std::collections::HashSet<String> = items
         .iter()
         .flat_map(|it| arms.iter().map(|a| meta.key(&it.task, it.seed, a.condition, a.coeff)).collect::<Vec<_>>())
         .collect();
-    drop(results);
     let reread = ResultsFile::open(&s.out)?;
     let mut c = Counts::default();
     let mut episodes = 0;
@@ -807,7 +825,7 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
             .collect(),
         episodes,
         new_episodes,
-        planned_episodes: planned,
+        planned_episodes: items.len() * arms.len(),
         failed_pairs: failed,
         wall_s: t_run.elapsed().as_secs_f64(),
         eval_s,

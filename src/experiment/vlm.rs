@@ -5,7 +5,7 @@
 //! token, and applied to the LLM backbone only.
 use super::plan::{self, Item};
 use super::results::ResultsFile;
-use super::run::{env_config, harness_version, runtime, Counts, RunMeta, Settings, SteeredSummary, Summary};
+use super::run::{env_config, harness_version, pending, runtime, summarize, Counts, RunMeta, Settings, Summary};
 use crate::agent::vlm::{turn_from_png, VlmEngine};
 use crate::agent::{Arm, Steering};
 use crate::env::{self, EnvError, Observation, Pool};
@@ -89,17 +89,7 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
         harness: harness_version(),
     };
     let results = ResultsFile::open(&s.out)?;
-    let pending: Vec<(Item, Vec<Arm>)> = items
-        .iter()
-        .filter_map(|it| {
-            let todo: Vec<Arm> = arms
-                .iter()
-                .filter(|a| !results.contains(&meta.key(&it.task, it.seed, a.condition, a.coeff)))
-                .cloned()
-                .collect();
-            (!todo.is_empty()).then(|| (it.clone(), todo))
-        })
-        .collect();
+    let pending = pending(&items, &arms, &results, &meta);
     let planned = items.len() * arms.len();
     tracing::info!(shard = %s.shard, planned, vlm = true, "plan: {} tasks × {} seeds × {} conditions", s.tasks.len(), s.eval_steps, arms.len());
     let results = Arc::new(Mutex::new(results));
@@ -112,50 +102,8 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
         meta.vector_hash = vh;
         rt.shutdown_timeout(Duration::from_secs(5));
     }
-    let keys: std::collections::HashSet<String> = items
-        .iter()
-        .flat_map(|it| arms.iter().map(|a| meta.key(&it.task, it.seed, a.condition, a.coeff)).collect::<Vec<_>>())
-        .collect();
     drop(results);
-    let reread = ResultsFile::open(&s.out)?;
-    let mut c = Counts::default();
-    let mut episodes = 0;
-    for l in &reread.existing {
-        if keys.contains(&l.key) && l.model == meta.info.name && l.experiment == meta.experiment {
-            episodes += 1;
-            c.add(&l.condition, l.coeff as f32, l.success, l.parse_failure);
-        }
-    }
-    let base_rate = c.baseline.rate();
-    Ok(Summary {
-        experiment: s.experiment.clone(),
-        model: meta.info.name.clone(),
-        layer,
-        prompt_pair: meta.prompt_pair.clone(),
-        vector_method: meta.vector_method.clone(),
-        shard: s.shard.to_string(),
-        out: s.out.display().to_string(),
-        baseline_success_rate: base_rate,
-        baseline_parse_failure_rate: c.baseline.pf_rate(),
-        baseline: c.baseline.clone(),
-        steered: c
-            .steered
-            .values()
-            .map(|(coeff, t)| SteeredSummary {
-                coeff: *coeff,
-                success_rate: t.rate(),
-                delta: t.rate() - base_rate,
-                parse_failure_rate: t.pf_rate(),
-                tally: t.clone(),
-            })
-            .collect(),
-        episodes,
-        new_episodes,
-        planned_episodes: planned,
-        failed_pairs: failed,
-        wall_s: t_run.elapsed().as_secs_f64(),
-        eval_s,
-    })
+    summarize(s, &meta, &items, &arms, layer, (failed, new_episodes, eval_s), t_run)
 }
 
 /// Training observations with their Set-of-Marks screenshots.
