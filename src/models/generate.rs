@@ -132,18 +132,34 @@ pub fn generate(
 pub fn continue_generation(
     model: &Decoder,
     state: &mut State,
-    mut logits: Tensor,
+    logits: Tensor,
     prompt_tokens: Vec<usize>,
     cfg: &GenerateConfig,
     spec: &HookSpec,
     caps: &mut Captures,
 ) -> Result<Vec<Generation>> {
     let b = state.batch();
+    decode_loop(logits, prompt_tokens, cfg, |next| {
+        let ids = Tensor::from_vec(next, (b, 1), model.device())?;
+        model.forward(&ids, state, &StepInfo::decode(b), spec, caps, false)
+    })
+}
+
+/// The token loop shared by every model: picks each row's next token from `logits`
+/// (`[batch, 1, vocab]`), stops rows at a stop id (padding them afterwards), and calls `step`
+/// with the batch's next ids for the following logits.
+pub fn decode_loop(
+    mut logits: Tensor,
+    prompt_tokens: Vec<usize>,
+    cfg: &GenerateConfig,
+    mut step: impl FnMut(Vec<u32>) -> Result<Tensor>,
+) -> Result<Vec<Generation>> {
+    let b = prompt_tokens.len();
     let mut rngs: Vec<rand::rngs::StdRng> = (0..b).map(|_| rand::rngs::StdRng::seed_from_u64(cfg.seed)).collect();
     let mut out: Vec<Generation> =
         prompt_tokens.into_iter().map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n }).collect();
     let mut done = vec![false; b];
-    for step in 0..cfg.max_new_tokens {
+    for i in 0..cfg.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
@@ -160,11 +176,10 @@ pub fn continue_generation(
             }
             next.push(t);
         }
-        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
+        if done.iter().all(|&d| d) || i + 1 == cfg.max_new_tokens {
             break;
         }
-        let ids = Tensor::from_vec(next, (b, 1), model.device())?;
-        logits = model.forward(&ids, state, &StepInfo::decode(b), spec, caps, false)?;
+        logits = step(next)?;
     }
     Ok(out)
 }

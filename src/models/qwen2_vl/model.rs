@@ -7,14 +7,14 @@ use super::processor::{self, Processed, ProcessorConfig};
 use super::rope;
 use super::vision::VisionTower;
 use crate::models::decoder::{Decoder, State};
-use crate::models::generate::{GenerateConfig, Generation, Sampling};
+use crate::models::generate::{self, GenerateConfig, Generation};
 use crate::models::hooks::{Captures, HookSpec, StepInfo};
 use crate::models::load::ModelInfo;
 use crate::models::registry::{self, Location};
 use crate::models::tokenizer::Tokenizer;
 use crate::models::weights::{fingerprint, WeightDType, Weights};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -404,7 +404,7 @@ impl Qwen2Vl {
     #[allow(clippy::too_many_arguments)] // the decode state of one generation, in pieces
     fn decode_loop(
         &self,
-        mut logits: Tensor,
+        logits: Tensor,
         state: &mut State,
         deltas: &[i64],
         lens: Vec<usize>,
@@ -412,36 +412,6 @@ impl Qwen2Vl {
         spec: &HookSpec,
         caps: &mut Captures,
     ) -> Result<Vec<Generation>> {
-        if !matches!(cfg.sampling, Sampling::Greedy) {
-            bail!("Qwen2-VL generation is greedy only (got {:?})", cfg.sampling);
-        }
-        let b = lens.len();
-        let mut out: Vec<Generation> =
-            lens.into_iter().map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n }).collect();
-        let mut done = vec![false; b];
-        for step in 0..cfg.max_new_tokens {
-            let next_ids: Vec<u32> =
-                logits.squeeze(1)?.argmax(candle_core::D::Minus1)?.to_dtype(DType::U32)?.to_vec1()?;
-            let mut next = Vec::with_capacity(b);
-            for r in 0..b {
-                if done[r] {
-                    next.push(cfg.pad_id);
-                    continue;
-                }
-                let t = next_ids[r];
-                if cfg.stop_ids.contains(&t) {
-                    out[r].stop = Some(t);
-                    done[r] = true;
-                } else {
-                    out[r].tokens.push(t);
-                }
-                next.push(t);
-            }
-            if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
-                break;
-            }
-            logits = self.decode_step(&next, state, deltas, spec, caps)?;
-        }
-        Ok(out)
+        generate::decode_loop(logits, lens, cfg, |next| self.decode_step(&next, state, deltas, spec, caps))
     }
 }
