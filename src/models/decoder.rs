@@ -2,6 +2,7 @@
 //! with hook points on the residual stream and a KV cache that supports left-padded batches.
 use super::config::{Activation, DecoderConfig, RopeScaling};
 use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
+use super::kernels::{self, AttnShape};
 use super::weights::{LayerTensor as L, Linear, Name, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -189,6 +190,12 @@ impl Decoder {
         self.dtype
     }
 
+    /// f32 on the CPU: every op of a forward is one of the batch-invariant kernels (or
+    /// row-wise), so a row's numbers never depend on its batch (docs/determinism.md).
+    pub fn batch_invariant(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
+    }
+
     pub fn new_state(&self, left_pad: Vec<usize>) -> State {
         State { kv: vec![None; self.cfg.num_layers], left_pad, cols: 0 }
     }
@@ -277,6 +284,26 @@ impl Decoder {
             None => (k, v),
         };
         state.kv[idx] = Some((k.clone(), v.clone()));
+        if self.batch_invariant() {
+            // The batch-invariant kernel: per query over its row's own keys, in position order.
+            let shape = AttnShape {
+                batch: b,
+                heads: nh,
+                kv_heads: nkv,
+                seq,
+                total: k.dim(2)?,
+                head_dim: hd,
+                start_col: state.cols,
+                left_pad: state.left_pad.clone(),
+                window: if layer.sliding { cfg.sliding_window } else { None },
+                scale: cfg.attn_scale() as f32,
+                softcap: cfg.attn_logit_softcap.map(|c| c as f32),
+            };
+            let out = kernels::with_f32(&q, |q| {
+                kernels::with_f32(&k, |k| kernels::with_f32(&v, |v| Ok(kernels::attention(q, k, v, &shape))))
+            })?;
+            return a.o.forward(&Tensor::from_vec(out, (b, seq, nh * hd), &self.device)?);
+        }
         let n_rep = nh / nkv;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
         let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
@@ -384,10 +411,12 @@ impl Decoder {
             }
             None => self.rope_tables(state, seq)?,
         };
-        let full_mask = self.mask(state, seq, None)?;
+        // The CPU f32 attention kernel masks by itself.
+        let masked = !self.batch_invariant();
+        let full_mask = if masked { self.mask(state, seq, None)? } else { None };
         let window_mask = match cfg.sliding_window {
-            Some(w) => self.mask(state, seq, Some(w))?,
-            None => None,
+            Some(w) if masked => self.mask(state, seq, Some(w))?,
+            _ => None,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             if hooked && spec.touches(HookPoint::ResidPre(i)) {

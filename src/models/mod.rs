@@ -4,6 +4,7 @@ pub mod decoder;
 pub mod generate;
 pub mod gguf;
 pub mod hooks;
+pub mod kernels;
 pub mod q8;
 pub mod qwen2_vl;
 pub mod registry;

@@ -7,6 +7,11 @@
 //! kept as f32 (no f16 conversion in the inner loop), and prefill walks rows in tiles of four so
 //! a chunk of weight columns stays in L1.
 //!
+//! Batch invariant (docs/determinism.md): each activation row is quantized on its own and each
+//! (row, column) result is reduced in one fixed order, whatever the row count, the row's place
+//! in a tile or the thread count; the scalar fallback computes the SIMD kernel's exact
+//! arithmetic, so machines with and without AVX2 agree bit for bit.
+//!
 //! Format: ggml's Q8_0 arithmetic (blocks of 32, one scale per block, values in −127..=127, the
 //! activations quantized per block the same way), so results agree with candle's Q8_0 path up to
 //! float summation order.
@@ -163,30 +168,27 @@ fn dot_rows(avx2: bool, w: &[i8], wd: &[f32], acts: &Acts, r0: usize, dst: &mut 
         return;
     }
     let _ = avx2;
+    // The SIMD kernel's exact arithmetic: lane l of a block sums bytes 4l..4l+3 (exact in i32),
+    // then a fused multiply-add by the block's scale product into lane l; the same lane fold.
     for (i, out) in dst.iter_mut().enumerate() {
         let (xq, xd) = acts.row(r0 + i);
-        let mut acc = 0f32;
+        let mut acc = [0f32; 8];
         for b in 0..wd.len() {
-            let s: i32 = (0..BLOCK).map(|t| w[b * BLOCK + t] as i32 * xq[b * BLOCK + t] as i32).sum();
-            acc += s as f32 * wd[b] * xd[b];
+            let scale = wd[b] * xd[b];
+            for (l, a) in acc.iter_mut().enumerate() {
+                let p: i32 = (0..4).map(|t| w[b * BLOCK + 4 * l + t] as i32 * xq[b * BLOCK + 4 * l + t] as i32).sum();
+                *a = (p as f32).mul_add(scale, *a);
+            }
         }
-        *out = acc;
+        *out = super::kernels::fold8(acc);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use super::{Acts, BLOCK};
+    use crate::models::kernels::avx::hsum;
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
 
     /// One weight row against `R` activation rows. `maddubs` multiplies unsigned by signed
     /// bytes, so the weight's sign is moved onto the activation (|w| · x·sign(w) = w · x); the
@@ -278,7 +280,10 @@ mod tests {
             for r in 0..m {
                 let mut s = [0f32];
                 dot_rows(false, &w.qs[..k], &w.d[..3], &acts, r, &mut s);
-                assert!((s[0] - want[r * n]).abs() <= 1e-5 * want[r * n].abs().max(1.0));
+                // Bit for bit: the scalar code is the SIMD kernel's arithmetic, not an approximation.
+                assert_eq!(s[0].to_bits(), got[r * n].to_bits(), "m={m} row {r}");
+                // And every row's numbers are the same whatever the row count.
+                assert_eq!(w.matmul(&x[r * k..(r + 1) * k], 1).unwrap(), got[r * n..(r + 1) * n].to_vec());
             }
         }
     }

@@ -1,9 +1,10 @@
 //! Weight sources: transformers safetensors (one file or sharded) and GGUF. Every tensor is
 //! checked against the shape the config implies; a mismatch names the tensor, the file, both
 //! shapes and the likely cause.
+use super::kernels;
 use super::q8::Q8Matrix;
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, k_quants, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
@@ -98,25 +99,43 @@ impl Name {
 }
 
 /// A linear layer without bias handling; the decoder adds biases itself.
+///
+/// On the CPU every variant is batch invariant (docs/determinism.md): one kernel for any number
+/// of rows, each output element reduced in a fixed order.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// `[out, in]` weight, in the compute dtype.
+    /// `[out, in]` weight, in the compute dtype (f32 on the CPU: [`kernels::matmul_t`]).
     Dense(Tensor),
-    /// Kept quantized (`--dtype gguf`) on a non-CPU device, or a type our kernel does not take.
+    /// Kept quantized (`--dtype gguf`) on a non-CPU device.
     Quant(QMatMul),
-    /// Kept quantized (`--dtype gguf`) on CPU: 8-bit blocks with our batched kernel for decode,
-    /// plus (decoder layers only) the dequantized `[out, in]` f32 matrix for prefill: f32 GEMM
-    /// runs about twice our int8 kernel's speed at 128 rows on AVX2 (`bench matmul`), and prefill
-    /// dominates a paired episode. The head is only ever applied to a few rows, so it has none.
-    Q8(Arc<Q8Matrix>, Option<Tensor>),
+    /// Kept quantized (`--dtype gguf`) on CPU, 32-value block types: 8-bit blocks with our
+    /// batched kernel, for decode and prefill alike.
+    Q8(Arc<Q8Matrix>),
+    /// Kept quantized (`--dtype gguf`) on CPU, k-quants: candle's per-(row, column) kernel.
+    KQuant(Arc<KQuant>),
 }
-
-/// From this many rows on, a `Q8` linear with a dense copy uses f32 GEMM.
-const DENSE_FROM_ROWS: usize = 32;
 
 impl Linear {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let in_dim = |n: usize| -> Result<(Vec<usize>, usize)> {
+            let dims = xs.dims().to_vec();
+            let k = *dims.last().unwrap_or(&0);
+            if k != n {
+                bail!("linear layer: input has {k} features, the weight expects {n}");
+            }
+            Ok((dims, xs.elem_count() / k.max(1)))
+        };
+        let out_shape = |mut dims: Vec<usize>, n: usize| {
+            *dims.last_mut().expect("non-empty") = n;
+            dims
+        };
         Ok(match self {
+            Linear::Dense(w) if xs.device().is_cpu() && xs.dtype() == DType::F32 && w.dtype() == DType::F32 => {
+                let (n, k) = w.dims2()?;
+                let (dims, m) = in_dim(k)?;
+                let out = kernels::with_f32(xs, |x| kernels::with_f32(w, |w| Ok(kernels::matmul_t(x, m, k, w, n))))?;
+                Tensor::from_vec(out, out_shape(dims, n), xs.device())?
+            }
             // One 2-D matmul over all rows: a batched (broadcast) matmul re-reads the weight for
             // every batch row, which made decode cost grow linearly with the batch.
             Linear::Dense(w) => match xs.dims() {
@@ -124,45 +143,84 @@ impl Linear {
                 _ => xs.broadcast_matmul(&w.t()?)?,
             },
             Linear::Quant(q) => q.forward(xs)?,
-            Linear::Q8(w, dense) => {
-                let dims = xs.dims().to_vec();
-                let k = *dims.last().unwrap_or(&0);
-                if k != w.in_dim() {
-                    bail!("Q8 linear: input has {k} features, the weight expects {}", w.in_dim());
-                }
-                let m = xs.elem_count() / k.max(1);
-                if let Some(d) = dense.as_ref().filter(|_| m >= DENSE_FROM_ROWS) {
-                    return Linear::Dense(d.clone()).forward(xs);
-                }
-                let x = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let out = w.matmul(&x, m)?;
-                let mut shape = dims;
-                *shape.last_mut().expect("non-empty") = w.out_dim();
-                Tensor::from_vec(out, shape, xs.device())?
+            Linear::Q8(w) => {
+                let (dims, m) = in_dim(w.in_dim())?;
+                let out = kernels::with_f32(xs, |x| w.matmul(x, m))?;
+                Tensor::from_vec(out, out_shape(dims, w.out_dim()), xs.device())?
+            }
+            Linear::KQuant(w) => {
+                let (dims, m) = in_dim(w.k)?;
+                let out = kernels::with_f32(xs, |x| w.matmul(x, m))?;
+                Tensor::from_vec(out, out_shape(dims, w.n), xs.device())?
             }
         })
     }
 }
 
-/// candle's CPU quantized matmul has SIMD kernels for Q4_0, Q8_0 and the k-quants, but not for
-/// Q4_1, Q5_0 or Q5_1 (a scalar loop, several times slower than f32). Those are re-quantized at
-/// load to Q8_0, which is nearly lossless over a 4-5 bit source and keeps the weights small.
-fn requantize_for_speed(q: QTensor) -> Result<QTensor> {
-    match q.dtype() {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-            if q.shape().dims().last().is_some_and(|&n| n % 32 == 0) =>
-        {
-            let t = q.dequantize(&Device::Cpu)?;
-            Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?)
+/// A k-quant matrix (`[n, k]`) multiplied on the CPU by candle's generic kernel, which
+/// quantizes each activation row on its own and computes every (row, column) dot product with
+/// the same code whatever the row count. candle's `QMatMul` would pick its repacked kernels by
+/// row count instead (Q6_K: compact GEMV for one row, tiles for more), so a row's numbers would
+/// depend on its batch.
+pub struct KQuant {
+    n: usize,
+    k: usize,
+    blocks: Box<dyn KBlocks>,
+}
+
+impl std::fmt::Debug for KQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KQuant({}×{})", self.n, self.k)
+    }
+}
+
+trait KBlocks: Send + Sync {
+    fn matmul(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> candle_core::Result<()>;
+}
+
+impl<T: k_quants::GgmlType + Send + Sync> KBlocks for Vec<T> {
+    fn matmul(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> candle_core::Result<()> {
+        k_quants::matmul(mkn, lhs, self, dst)
+    }
+}
+
+impl KQuant {
+    /// Takes the blocks of a k-quant tensor; `None` for other types.
+    fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
+        fn blocks<T: k_quants::GgmlType + Send + Sync + 'static>(bytes: &[u8]) -> Result<Box<dyn KBlocks>> {
+            let size = std::mem::size_of::<T>();
+            if !bytes.len().is_multiple_of(size) {
+                bail!("{:?} tensor of {} bytes is not a whole number of {size}-byte blocks", T::DTYPE, bytes.len());
+            }
+            let mut v = vec![T::zeros(); bytes.len() / size];
+            // SAFETY: the blocks are plain old data (integers and f16 scales) and `v` holds
+            // exactly `bytes.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len()) };
+            Ok(Box::new(v))
         }
-        _ => Ok(q),
+        let data = q.data()?;
+        let b = match q.dtype() {
+            GgmlDType::Q2K => blocks::<k_quants::BlockQ2K>(&data)?,
+            GgmlDType::Q3K => blocks::<k_quants::BlockQ3K>(&data)?,
+            GgmlDType::Q4K => blocks::<k_quants::BlockQ4K>(&data)?,
+            GgmlDType::Q5K => blocks::<k_quants::BlockQ5K>(&data)?,
+            GgmlDType::Q6K => blocks::<k_quants::BlockQ6K>(&data)?,
+            _ => return Ok(None),
+        };
+        let (n, k) = q.shape().dims2()?;
+        Ok(Some(Self { n, k, blocks: b }))
+    }
+
+    fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; m * self.n];
+        self.blocks.matmul((m, self.k, self.n), x, &mut out)?;
+        Ok(out)
     }
 }
 
 /// GGUF types our CPU kernel (`q8.rs`) takes: the 32-value block types. `bench matmul` measured
 /// it 1.5–4× faster than candle's Q8_0 kernel and 6–26× faster than its scalar Q5_0 one; the
-/// k-quants stay with candle, whose repacked kernels beat ours on them (0.7–0.8× our time) and
-/// read fewer bytes.
+/// k-quants stay in their own format (they read fewer bytes) under candle's generic kernel.
 fn takes_q8(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
@@ -391,26 +449,27 @@ impl Weights {
                     return Err(self.shape_error(name, &expected, q.shape().dims()));
                 }
                 let q = self.unpermute_q(name, q)?;
-                if self.device.is_cpu() && in_dim.is_multiple_of(super::q8::BLOCK) && takes_q8(q.dtype()) {
-                    let dense = q.dequantize(&Device::Cpu)?;
-                    let w = dense.flatten_all()?.to_vec1::<f32>()?;
-                    let q8 = Arc::new(Q8Matrix::quantize(&w, out_dim, in_dim)?);
-                    let dense = matches!(name, Name::Layer(..)).then_some(dense);
-                    return Ok(Linear::Q8(q8, dense));
+                if self.device.is_cpu() {
+                    // Every CPU path is one batch-invariant kernel for any row count.
+                    if in_dim.is_multiple_of(super::q8::BLOCK) && takes_q8(q.dtype()) {
+                        let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                        return Ok(Linear::Q8(Arc::new(Q8Matrix::quantize(&w, out_dim, in_dim)?)));
+                    }
+                    if let Some(kq) = KQuant::from_qtensor(&q)? {
+                        return Ok(Linear::KQuant(Arc::new(kq)));
+                    }
+                    // Float matrices (and block types our kernel cannot take at this size) run
+                    // dequantized through the dense kernel.
+                    return Ok(Linear::Dense(q.dequantize(&Device::Cpu)?));
                 }
-                let q = requantize_for_speed(q)?;
-                let q = if self.device.is_cpu() {
-                    q
-                } else {
-                    // Re-upload the raw blocks to the target device.
-                    let data = q.data()?.into_owned();
-                    let storage = candle_core::quantized::QStorage::from_data(
-                        std::borrow::Cow::Owned(data),
-                        &self.device,
-                        q.dtype(),
-                    )?;
-                    QTensor::new(storage, q.shape().clone())?
-                };
+                // Re-upload the raw blocks to the target device.
+                let data = q.data()?.into_owned();
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(data),
+                    &self.device,
+                    q.dtype(),
+                )?;
+                let q = QTensor::new(storage, q.shape().clone())?;
                 Ok(Linear::Quant(QMatMul::from_arc(Arc::new(q))?))
             }
             _ => {

@@ -4,18 +4,20 @@
 //! concatenated and projected by Linear–GELU–Linear into the LLM hidden size).
 use super::config::{qwen25_message, VisionAct, VisionConfig};
 use super::rope;
-use crate::models::weights::{Source, Weights};
+use crate::models::weights::{Linear, Source, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 struct Dense {
-    w: Tensor,
+    /// Through the decoder's linear layer, so f32 on the CPU takes the batch-invariant kernel:
+    /// the patches of every image in a call share these matmuls.
+    w: Linear,
     b: Option<Tensor>,
 }
 
 impl Dense {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let y = xs.matmul(&self.w.t()?)?;
+        let y = self.w.forward(xs)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -45,7 +47,7 @@ struct Block {
 
 pub struct VisionTower {
     pub cfg: VisionConfig,
-    patch_embed: Tensor,
+    patch_embed: Linear,
     blocks: Vec<Block>,
     ln_q: Norm,
     mlp0: Dense,
@@ -102,7 +104,7 @@ impl VisionTower {
         let (e, m) = (cfg.embed_dim, cfg.mlp_dim());
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Dense> {
             Ok(Dense {
-                w: load(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype)?,
+                w: Linear::Dense(load(&format!("{name}.weight"), &[out, inp])?.to_dtype(dtype)?),
                 b: if bias { Some(load(&format!("{name}.bias"), &[out])?.to_dtype(dtype)?) } else { None },
             })
         };
@@ -131,7 +133,7 @@ impl VisionTower {
         let merged = e * cfg.spatial_merge_size * cfg.spatial_merge_size;
         Ok(Self {
             cfg: cfg.clone(),
-            patch_embed: pe,
+            patch_embed: Linear::Dense(pe),
             blocks,
             ln_q: norm("merger.ln_q", e)?,
             mlp0: lin("merger.mlp.0", merged, merged, true)?,
@@ -163,7 +165,7 @@ impl VisionTower {
                 cfg.patch_dim()
             );
         }
-        let mut xs = pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?.matmul(&self.patch_embed.t()?)?;
+        let mut xs = self.patch_embed.forward(&pixel_values.to_device(&self.device)?.to_dtype(self.dtype)?)?;
         let (cos, sin) =
             rope::vision_tables(grids, cfg.spatial_merge_size, cfg.head_dim(), cfg.rope_theta, &self.device)?;
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
