@@ -13,6 +13,9 @@ pub enum BenchWhich {
     Decode(crate::models::bench::BenchDecodeArgs),
     /// Quantized matmul GFLOP/s at real layer shapes: candle's QMatMul per GGUF type vs our Q8 kernel.
     Matmul(crate::models::bench::BenchMatmulArgs),
+    /// Batch invariance: the same rows in many batch compositions; prints how many rows differ
+    /// (must be 0) and a fingerprint to compare across thread counts and machines.
+    Determinism(crate::models::bench::BenchDeterminismArgs),
     /// MiniWoB episodes/s (reset + observe + click + reward) with 1 and 2 browser sessions.
     Env(crate::env::bench::BenchEnvArgs),
     /// Paired exp12 episodes per minute (baseline + steered), beside the Python loop (scripts/peer/exp12_loop.py).
@@ -26,6 +29,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.which {
         BenchWhich::Decode(d) => crate::models::bench::run(d),
         BenchWhich::Matmul(m) => crate::models::bench::run_matmul(m),
+        BenchWhich::Determinism(d) => crate::models::bench::run_determinism(d),
         BenchWhich::Env(e) => crate::env::bench::run(e),
         BenchWhich::Episodes(e) => crate::experiment::bench::run(e),
         BenchWhich::Paired(p) => crate::gpu::paired::run(p),

@@ -300,3 +300,104 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct BenchDeterminismArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts, one per line (default: twelve built-in prompts of mixed lengths).
+    #[arg(long)]
+    pub prompts_file: Option<PathBuf>,
+    /// Wrap each prompt in the model's chat template (a user turn).
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 6)]
+    pub new_tokens: usize,
+    /// Layer of the steered rows' random direction.
+    #[arg(long, default_value = "auto")]
+    pub layer: String,
+    #[arg(long, default_value_t = 8.0)]
+    pub coeff: f32,
+    /// CPU threads (candle's pool reads RAYON_NUM_THREADS once): rerun with another count and
+    /// compare the fingerprints.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Prints one line per composition and exits non-zero when any row differs.
+pub fn run_determinism(a: BenchDeterminismArgs) -> Result<()> {
+    use super::determinism::{self, CheckConfig};
+    use super::tokenizer::ChatMessage;
+    if let Some(t) = a.threads {
+        // Before candle's pool starts: it reads these once.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
+    }
+    let threads =
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| candle_core::utils::get_num_threads().to_string());
+    let m = a.model.load()?;
+    let d = &m.decoder;
+    let texts: Vec<String> = match &a.prompts_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading --prompts-file {}", f.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => determinism::PROMPTS.iter().map(|s| s.to_string()).collect(),
+    };
+    let prompts = texts
+        .iter()
+        .map(|t| {
+            let t =
+                if a.chat { m.tokenizer.apply_chat_template(&[ChatMessage::new("user", t)], true)? } else { t.clone() };
+            m.tokenizer.encode(&t, false)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
+    let cfg = CheckConfig {
+        gen: super::generate::GenerateConfig {
+            max_new_tokens: a.new_tokens,
+            stop_ids: m.tokenizer.stop_token_ids(),
+            pad_id: m.tokenizer.pad_token_id().unwrap_or(0),
+            ..Default::default()
+        },
+        layer,
+        vector: determinism::random_direction(d.cfg.hidden_size, a.seed)?,
+        coeff: a.coeff,
+        seed: a.seed,
+    };
+    println!(
+        "model {} ({}), dtype {}, {} threads, {} prompts, {} new tokens, steered rows α = {} at {}",
+        m.info.name,
+        m.info.checkpoint,
+        m.info.dtype,
+        threads,
+        prompts.len(),
+        a.new_tokens,
+        a.coeff,
+        HookPoint::ResidPost(layer)
+    );
+    if !d.batch_invariant() {
+        println!("note: this device/dtype is not one of the batch-invariant paths (docs/determinism.md)");
+    }
+    let report = determinism::check(d, &prompts, &cfg)?;
+    println!("| composition | rows | differing |");
+    println!("|---|---|---|");
+    for c in &report.compositions {
+        println!("| {} | {} | {} |", c.name, c.rows, c.differing.len());
+    }
+    for c in &report.compositions {
+        for (i, why) in &c.differing {
+            println!("differs: {} — prompt {i}: {why}", c.name);
+        }
+    }
+    println!("fingerprint {:016x}", report.fingerprint);
+    println!("{} of {} rows differ", report.differing(), report.rows_compared());
+    if report.differing() > 0 {
+        anyhow::bail!("{} rows are not batch invariant", report.differing());
+    }
+    Ok(())
+}

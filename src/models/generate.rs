@@ -40,6 +40,18 @@ pub struct Generation {
     /// The stop token that ended the row, if one did.
     pub stop: Option<u32>,
     pub prompt_tokens: usize,
+    /// FNV-1a over the bits of every logit this row was given at every step: equal
+    /// fingerprints mean bit-identical logits (the batch-invariance check compares them).
+    pub logits_hash: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+
+fn fnv(mut h: u64, xs: &[f32]) -> u64 {
+    for x in xs {
+        h = (h ^ x.to_bits() as u64).wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 /// Left-pads prompts to a common length; returns `[batch, seq]` ids and per-row padding.
@@ -156,8 +168,10 @@ pub fn decode_loop(
 ) -> Result<Vec<Generation>> {
     let b = prompt_tokens.len();
     let mut rngs: Vec<rand::rngs::StdRng> = (0..b).map(|_| rand::rngs::StdRng::seed_from_u64(cfg.seed)).collect();
-    let mut out: Vec<Generation> =
-        prompt_tokens.into_iter().map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n }).collect();
+    let mut out: Vec<Generation> = prompt_tokens
+        .into_iter()
+        .map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n, logits_hash: FNV_OFFSET })
+        .collect();
     let mut done = vec![false; b];
     for i in 0..cfg.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
@@ -167,6 +181,9 @@ pub fn decode_loop(
                 next.push(cfg.pad_id);
                 continue;
             }
+            out[r].logits_hash = fnv(out[r].logits_hash, &rows[r]);
+            // Each row's generator is seeded from the config alone, never from its place in the
+            // batch, so sampling is as batch invariant as the logits.
             let t = pick(&rows[r], cfg.sampling, &mut rngs[r]);
             if cfg.stop_ids.contains(&t) {
                 out[r].stop = Some(t);

@@ -1,6 +1,7 @@
 //! Candle models with hook points. Nothing here knows about browsers.
 pub mod config;
 pub mod decoder;
+pub mod determinism;
 pub mod generate;
 pub mod gguf;
 pub mod hooks;
