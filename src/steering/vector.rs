@@ -60,11 +60,27 @@ impl SteeringVector {
         })
     }
 
-    /// sha256 prefix of the file contents, for result lines.
+    /// The vector file's hash for result lines: [`content_hash`](Self::content_hash) of what
+    /// the file holds.
     pub fn file_hash(path: &Path) -> Result<String> {
+        Self::load(path)?.content_hash()
+    }
+
+    /// sha256 prefix of the directions' bytes and the metadata, leaving out the creation time:
+    /// the same inputs give the same hash, so two identical runs' results pool in `analyze`.
+    pub fn content_hash(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(hex::encode(&Sha256::digest(&bytes)[..8]))
+        let mut h = Sha256::new();
+        for (l, t) in &self.layers {
+            h.update(format!("layer.{l}:").as_bytes());
+            for x in t.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                h.update(x.to_le_bytes());
+            }
+        }
+        let mut meta = self.meta.clone();
+        meta.created.clear();
+        h.update(serde_json::to_string(&meta)?.as_bytes());
+        Ok(hex::encode(&h.finalize()[..8]))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
