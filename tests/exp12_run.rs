@@ -15,12 +15,13 @@ const TASKS: &str = "click-test,click-button,click-link";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Every field of docs/results-format.md.
-const FIELDS: [&str; 29] = [
+const FIELDS: [&str; 30] = [
     "experiment",
     "model",
     "checkpoint",
     "weights_hash",
     "dtype",
+    "batch_invariant",
     "layer",
     "hook_point",
     "coeff",
@@ -135,6 +136,7 @@ fn quick_run_writes_every_field_and_rerun_is_a_noop() {
         assert_eq!(l["model"], "smollm2-135m");
         assert_eq!(l["experiment"], "test");
         assert_eq!(l["dtype"], "f32");
+        assert_eq!(l["batch_invariant"], true);
         assert_eq!(l["layer"], 15);
         assert_eq!(l["hook_point"], "blocks.15.hook_resid_post");
         assert_eq!(l["prompt_pair"], "accuracy");

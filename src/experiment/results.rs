@@ -14,6 +14,10 @@ pub struct EpisodeLine {
     pub checkpoint: String,
     pub weights_hash: String,
     pub dtype: String,
+    /// Whether the model path guarantees row outputs independent of batch composition
+    /// (docs/determinism.md); absent in lines written before it was recorded.
+    #[serde(default)]
+    pub batch_invariant: bool,
     pub layer: Option<usize>,
     pub hook_point: Option<String>,
     pub coeff: f64,
@@ -182,6 +186,7 @@ mod tests {
             checkpoint: "c".into(),
             weights_hash: "w".into(),
             dtype: "f32".into(),
+            batch_invariant: true,
             layer: Some(3),
             hook_point: Some("blocks.3.hook_resid_post".into()),
             coeff,

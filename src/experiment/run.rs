@@ -293,6 +293,7 @@ impl RunMeta {
             checkpoint: self.info.checkpoint.clone(),
             weights_hash: self.info.weights_hash.clone(),
             dtype: self.info.dtype.clone(),
+            batch_invariant: self.info.batch_invariant,
             layer: self.layer,
             hook_point: self.layer.map(|l| HookPoint::ResidPost(l).to_string()),
             coeff: coeff_f64(ep.coeff),

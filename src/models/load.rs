@@ -19,6 +19,23 @@ pub struct ModelInfo {
     pub family: String,
     pub num_layers: usize,
     pub hidden_size: usize,
+    /// Whether a row's outputs are bit-identical whatever its batch (docs/determinism.md):
+    /// true for every CPU f32/gguf path; not promised on a GPU or in f16/bf16.
+    pub batch_invariant: bool,
+}
+
+impl ModelInfo {
+    /// Says once, at load, when results of this model may depend on batch composition.
+    pub(crate) fn warn_if_not_invariant(&self, device: &Device) {
+        if !self.batch_invariant {
+            tracing::warn!(
+                model = %self.name, dtype = %self.dtype,
+                "{} with {} is not batch invariant: a row's tokens can depend on what it is batched with \
+                 (result lines record batch_invariant = false; docs/determinism.md)",
+                crate::gpu::device::device_name(device), self.dtype
+            );
+        }
+    }
 }
 
 pub struct LoadedModel {
@@ -99,7 +116,9 @@ impl LoadedModel {
             family: decoder.cfg.family.name().to_string(),
             num_layers: decoder.cfg.num_layers,
             hidden_size: decoder.cfg.hidden_size,
+            batch_invariant: decoder.batch_invariant(),
         };
+        info.warn_if_not_invariant(device);
         tracing::info!(
             model = %info.name, dtype = %info.dtype, layers = info.num_layers, hidden = info.hidden_size,
             "loaded in {:.2}s", t0.elapsed().as_secs_f64()

@@ -135,7 +135,9 @@ impl Qwen2Vl {
             family: "qwen2-vl".to_string(),
             num_layers: cfg.text.num_layers,
             hidden_size: cfg.text.hidden_size,
+            batch_invariant: decoder.batch_invariant(),
         };
+        info.warn_if_not_invariant(decoder.device());
         let inv_freq = rope::inv_freq(cfg.text.head_dim, cfg.text.rope_theta);
         tracing::info!(
             model = %info.name, dtype = %info.dtype, layers = info.num_layers, vision_depth = cfg.vision.depth,
