@@ -12,6 +12,7 @@
 #   ./run_exp12.sh --slurm [--shards N] write and submit an sbatch job array of N shards
 #   ./run_exp12.sh --experiment F.toml another experiment file
 #   extra flags after `--` go to `miniwob-steer run` (e.g. -- --dtype gguf --concurrency 2)
+#   RESULTS_DIR=DIR ./run_exp12.sh ... writes under DIR instead of results/
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -45,12 +46,13 @@ else
   BIN="$MINIWOB_STEER_BIN"
 fi
 
+RESULTS="${RESULTS_DIR:-results}"
 NAME=$(sed -n 's/^name *= *"\(.*\)".*/\1/p' "$EXPERIMENT" | head -1)
 NAME=${NAME:-$(basename "$EXPERIMENT" .toml)}
 
 if [ "$SLURM" = 1 ]; then
-  mkdir -p "results/$NAME"
-  SCRIPT="results/$NAME/slurm_array.sh"
+  mkdir -p "$RESULTS/$NAME"
+  SCRIPT="$RESULTS/$NAME/slurm_array.sh"
   ARGS=""
   [ "$QUICK" = 1 ] && ARGS="--quick" || ARGS="--experiment $EXPERIMENT"
   for m in "${MODELS[@]+"${MODELS[@]}"}"; do ARGS="$ARGS $m"; done
@@ -59,10 +61,10 @@ if [ "$SLURM" = 1 ]; then
 #SBATCH --job-name=$NAME
 #SBATCH --array=0-$((SHARDS - 1))
 #SBATCH --cpus-per-task=2
-#SBATCH --output=results/$NAME/slurm-%A_%a.out
+#SBATCH --output=$RESULTS/$NAME/slurm-%A_%a.out
 # Each array task runs one shard of every run; shards merge by concatenation.
 cd "$(pwd)"
-MINIWOB_STEER_BIN="$(pwd)/$BIN" ./run_exp12.sh $ARGS --shard "\$SLURM_ARRAY_TASK_ID/$SHARDS" ${EXTRA[@]+"-- ${EXTRA[*]}"}
+RESULTS_DIR="$RESULTS" MINIWOB_STEER_BIN="$(pwd)/$BIN" ./run_exp12.sh $ARGS --shard "\$SLURM_ARRAY_TASK_ID/$SHARDS" ${EXTRA[@]+"-- ${EXTRA[*]}"}
 EOF
   chmod +x "$SCRIPT"
   if command -v sbatch >/dev/null 2>&1; then
@@ -106,7 +108,7 @@ while IFS=$'\t' read -r MODEL LAYER MODALITY; do
     continue
   fi
   SAFE=$(echo "$MODEL" | tr -c 'A-Za-z0-9.\n-' '_')
-  DIR="results/$NAME/$SAFE"
+  DIR="$RESULTS/$NAME/$SAFE"
   SUFFIX=""
   SHARD_ARGS=()
   if [ -n "$SHARD" ]; then
@@ -146,7 +148,7 @@ if [ "$QUICK" = 1 ] || [ ${#DONE[@]} -gt 0 ]; then
   if [ ${#DONE[@]} -gt 0 ]; then
     if [ -n "$ANALYZE" ]; then
       echo "== paired table (analyze)"
-      "$ANALYZE" "results/$NAME" --out "results/$NAME/analysis" --no-plots || STATUS=1
+      "$ANALYZE" "$RESULTS/$NAME" --out "$RESULTS/$NAME/analysis" --no-plots || STATUS=1
     else
       echo "== paired table (the analyze binary is not built: cargo build --release -p miniwob-steer-analysis; summaries from miniwob-steer run)"
       "$BIN" run --print-table "${DONE[@]}"
