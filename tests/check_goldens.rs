@@ -118,6 +118,79 @@ fn bench_paired_runs_on_cpu_and_writes_the_report_fields() {
     assert!(v["peak_bytes_b2"].is_null() && v["weights_bytes"].is_null(), "{v}");
 }
 
+/// The Qwen2-VL workload of `bench paired` on the tiny fixture: the report's image and prompt
+/// token counts and its prompt ids, computed here independently of the binary (smart_resize by
+/// hand from the fixture's vision config, the chat template's output written out, the fixture's
+/// tokenizer.json through the tokenizers crate directly).
+#[test]
+fn bench_paired_vlm_workload_has_the_image_and_prompt_tokens() {
+    let dir = fixtures().join("tiny-qwen2-vl");
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("ours.json");
+    let out = bin()
+        .args(["bench", "paired", "--model"])
+        .arg(&dir)
+        .args(["--device", "cpu", "--dtype", "f32", "--new-tokens", "3", "--reps", "1", "--threads", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+
+    // The picture: 320 wide, 420 high; smart_resize rounds each side to a multiple of
+    // patch · merge (no preprocessor_config.json: transformers' default pixel bounds).
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert!(!dir.join("preprocessor_config.json").exists());
+    let patch = cfg["vision_config"]["patch_size"].as_u64().unwrap();
+    let merge = cfg["vision_config"]["spatial_merge_size"].as_u64().unwrap();
+    let factor = patch * merge;
+    let round = |v: u64| (v as f64 / factor as f64).round() as u64 * factor;
+    let (h, w) = (round(420), round(320));
+    assert!(h * w >= 56 * 56 && h * w <= 28 * 28 * 1280, "within the default pixel bounds: no rescale");
+    let grid = [1, h / patch, w / patch];
+    let image_tokens = grid[1] * grid[2] / (merge * merge);
+    assert_eq!((grid, image_tokens), ([1, 30, 22], 165), "the issue's screenshot workload");
+    assert_eq!(v["workload"], "vlm");
+    assert_eq!(v["image_size"], serde_json::json!([320, 420]));
+    assert_eq!(v["image_grid_thw"], serde_json::json!(grid));
+    assert_eq!(v["image_tokens"].as_u64(), Some(image_tokens));
+    assert_eq!(v["prompt_tokens"], 487, "the default VLM prompt length, image tokens included");
+    assert!(stdout.contains("vlm workload, prompt 487 tokens (165 image tokens"), "{stdout}");
+
+    // The ids: Qwen2-VL's template for one user turn (image, then empty text), the pads
+    // expanded, and the filler text's ids cycled after <|vision_end|> up to 487.
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let enc = |s: &str| tok.encode(s, false).unwrap().get_ids().to_vec();
+    let head = enc(&format!(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>{}<|vision_end|>",
+        "<|image_pad|>".repeat(image_tokens as usize)
+    ));
+    let tail = enc("<|im_end|>\n<|im_start|>assistant\n");
+    let filler = enc(miniwob_steer::gpu::paired::VLM_FILLER);
+    let n_text = 487 - head.len() - tail.len();
+    let ids: Vec<u32> =
+        head.iter().copied().chain((0..n_text).map(|i| filler[i % filler.len()])).chain(tail.iter().copied()).collect();
+    assert_eq!(ids.iter().filter(|&&t| t == cfg["image_token_id"].as_u64().unwrap() as u32).count(), 165);
+    let joined = ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    let hash = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(joined.as_bytes())[..8]);
+    assert_eq!(v["prompt_hash"], hash, "the workload's prompt ids");
+    for k in ["sequential_s", "batched_s", "decode_tok_s_b1", "prefill_tok_s", "extract_s"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+
+    // A prompt shorter than the template and the image is refused, saying why.
+    let out = bin()
+        .args(["bench", "paired", "--model"])
+        .arg(&dir)
+        .args(["--device", "cpu", "--dtype", "f32", "--prompt-tokens", "100", "--reps", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--prompt-tokens 100 is below the"), "{stderr}");
+}
+
 /// The whole GPU check flow on the CPU (goldens, random checkpoint, ours and the transformers
 /// peer, report). Needs the target/py venv (scripts/goldens/venv.sh); ~3 minutes.
 #[test]
@@ -134,5 +207,7 @@ fn gpu_check_script_runs_on_cpu_small() {
     assert!(status.success());
     let report = std::fs::read_to_string(tmp.path().join("report.md")).unwrap();
     assert!(report.contains("### cpu f32: ") && report.contains("### cpu bf16: "), "{report}");
-    assert!(report.contains("| smollm2-135m | ") && report.contains("Goldens: all passed."), "{report}");
+    assert!(report.contains("| smollm2-135m | 64 (0) | yes | ") && report.contains("Goldens: all passed."), "{report}");
+    // The Qwen2-VL image workload on both sides, with the same ids.
+    assert!(report.contains("| tiny-qwen2-vl | 487 (165) | yes | "), "{report}");
 }
