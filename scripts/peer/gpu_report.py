@@ -34,6 +34,18 @@ def mib(b):
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
+def workload(o):
+    return f"{o.get('prompt_tokens', '?')} ({o.get('image_tokens', 0)})"
+
+
+def same_ids(o, p):
+    """Like for like: both sides hash their prompt ids the same way (sha256 of the ids joined by ",")."""
+    a, b = o.get("prompt_hash"), p.get("prompt_hash")
+    if not a or not b:
+        return "?"
+    return "yes" if a == b and o.get("image_grid_thw") == p.get("image_grid_thw") else f"NO ({a} vs {b})"
+
+
 def ratio(num, den, fmt="{:.2f}×"):
     if not num or not den:
         return "-"
@@ -86,19 +98,22 @@ def main():
     pairs = [(n, load(o), load(p)) for n, o, p in a.pair]
     if pairs:
         o0 = next((o for _, o, _ in pairs if "error" not in o), {})
-        L += [f"Workload: {o0.get('prompt_tokens', '?')} prompt tokens, {o0.get('new_tokens', '?')} new tokens per row "
+        L += [f"Workload: {o0.get('new_tokens', '?')} new tokens per row "
               f"(baseline + steered), hook at the auto layer (`last` positions), dtype {o0.get('dtype', '?')}, "
-              f"median of {o0.get('reps', '?')}. Speed-up = transformers time / ours (or ours tokens/s / transformers).", ""]
-        L += ["| model | ours sequential s | ours batched s | transformers sequential s | transformers batched s | "
+              f"median of {o0.get('reps', '?')}. Prompt: fixed text ids for text models; for Qwen2-VL the screenshot "
+              "workload (a picture through each side's image processor, the chat template, filler text ids), the vision "
+              "tower running in every prefill. Same ids = both sides' `prompt_hash` agree. "
+              "Speed-up = transformers time / ours (or ours tokens/s / transformers).", ""]
+        L += ["| model | prompt tokens (image tokens) | same ids | ours sequential s | ours batched s | transformers sequential s | transformers batched s | "
               "transformers sequential / ours sequential | transformers sequential / ours batched (target ≥ 10×) | "
               "decode tok/s b1 ours / transformers | prefill tok/s ours / transformers | all-layer extraction ms ours / transformers |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, o, p in pairs:
             if "error" in o or "error" in p:
-                L.append(f"| {n} | {o.get('error', '')} {p.get('error', '')} | | | | | | | | |")
+                L.append(f"| {n} | {o.get('error', '')} {p.get('error', '')} | | | | | | | | | | |")
                 continue
             L.append(
-                f"| {n} | {o['sequential_s']:.3f} | {o['batched_s']:.3f} | {p['sequential_s']:.3f} | {p['batched_s']:.3f} | "
+                f"| {n} | {workload(o)} | {same_ids(o, p)} | {o['sequential_s']:.3f} | {o['batched_s']:.3f} | {p['sequential_s']:.3f} | {p['batched_s']:.3f} | "
                 f"{ratio(p['sequential_s'], o['sequential_s'])} | {ratio(p['sequential_s'], o['batched_s'])} | "
                 f"{o['decode_tok_s_b1']:.1f} / {p['decode_tok_s_b1']:.1f} = {ratio(o['decode_tok_s_b1'], p['decode_tok_s_b1'])} | "
                 f"{o['prefill_tok_s']:,.0f} / {p['prefill_tok_s']:,.0f} = {ratio(o['prefill_tok_s'], p['prefill_tok_s'])} | "

@@ -3,8 +3,17 @@
 the same checkpoint, device and dtype, measured the same way, printed as one JSON object with
 the same keys.
 
-Workload: a prompt of --prompt-tokens fixed token ids (`workload_ids`, identical to the Rust
-side), a steering forward hook on decoder layer L adding coeff * v at the last position of every
+Workload (the model decides which, as on the Rust side):
+- text: a prompt of --prompt-tokens (default 400) fixed token ids (`workload_ids`, identical to
+  the Rust side);
+- vlm (a Qwen2-VL checkpoint): the picture `workload_image` (--image-size, default 320x420:
+  grid 1x30x22, 165 image tokens) through Qwen2VLImageProcessorPil, the checkpoint's chat template
+  for one user turn (the image, then an empty text) with the image pads expanded (what
+  Qwen2VLProcessor does; it cannot be built without torchvision), and the token ids of
+  `VLM_FILLER` cycled into the text slot after <|vision_end|> up to --prompt-tokens in all
+  (default 487). pixel_values, image_grid_thw and mm_token_type_ids go with every call, so every
+  generate and forward runs the vision tower. `prompt_hash` must equal the Rust side's.
+A steering forward hook on decoder layer L adding coeff * v at the last position of every
 forward (the last prompt token, then every generated token: exp12's `last`), --new-tokens new
 tokens per row with stop tokens disabled (min_new_tokens), greedy, eager attention (as measured
 in issue 10) unless --attn says otherwise.
@@ -17,7 +26,9 @@ One untimed warm-up, then --reps timed runs; medians.
 """
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import time
 
@@ -27,6 +38,57 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 def workload_ids(n):
     return [1000 + (i * 7919) % 20000 for i in range(n)]
+
+
+# The VLM workload (src/gpu/paired.rs: VLM_FILLER, workload_image, vlm_workload).
+VLM_FILLER = "Click the button labelled Submit, then type the name into the text field and press Enter. "
+
+
+def workload_image(w, h):
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    arr = np.stack([(7 * x + 13 * y) % 256, (3 * x + 5 * y + 100) % 256, (x * y) % 256], -1).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def vlm_workload(model_dir, cfg, prompt_tokens, w, h):
+    """input_ids, mm_token_type_ids, pixel_values and image_grid_thw of the VLM workload (batch 1)."""
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"))
+    ct = os.path.join(model_dir, "chat_template.json")
+    if os.path.exists(ct):
+        with open(ct) as f:
+            template = json.load(f)["chat_template"]
+    else:
+        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+            template = json.load(f)["chat_template"]
+    pre = os.path.join(model_dir, "preprocessor_config.json")
+    improc = Qwen2VLImageProcessorPil.from_pretrained(model_dir) if os.path.exists(pre) else Qwen2VLImageProcessorPil()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    px = improc(images=[workload_image(w, h)], return_tensors="pt")
+    grid = px["image_grid_thw"]
+    parts = text.split("<|image_pad|>")
+    assert len(parts) == 2, text
+    text = parts[0] + "<|image_pad|>" * int(grid[0].prod() // improc.merge_size**2) + parts[1]
+    base = tok(text, add_special_tokens=False)["input_ids"]
+    end = cfg.vision_end_token_id
+    assert base.count(end) == 1, "the rendered one-image prompt must hold exactly one <|vision_end|>"
+    at = base.index(end) + 1
+    n_text = prompt_tokens - len(base)
+    if n_text < 0:
+        raise SystemExit(f"hf_paired.py: --prompt-tokens {prompt_tokens} is below the {len(base)} tokens of the "
+                         f"chat template and the {w}x{h} image alone")
+    filler = tok(VLM_FILLER, add_special_tokens=False)["input_ids"]
+    ids = base[:at] + [filler[i % len(filler)] for i in range(n_text)] + base[at:]
+    return ids, px["pixel_values"], grid
+
+
+def prompt_hash(ids):
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 def decoder_layers(model, n):
@@ -42,7 +104,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     ap.add_argument("--attn", default="eager")
-    ap.add_argument("--prompt-tokens", type=int, default=400)
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="default 400 (text), 487 (VLM, in all)")
+    ap.add_argument("--image-size", default="320x420", help="the VLM workload's picture, WIDTHxHEIGHT")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layer", type=int, default=-1, help="decoder layer (default: 50%% depth, the auto layer)")
     ap.add_argument("--coeff", type=float, default=4.0)
@@ -82,7 +145,25 @@ def main():
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
     layers[layer].register_forward_hook(hook)
-    ids1 = torch.tensor([workload_ids(a.prompt_tokens)], device=dev)
+    vlm = cfg.model_type == "qwen2_vl"
+    image = {}
+    if vlm:
+        iw, ih = (int(x) for x in a.image_size.lower().split("x"))
+        ids, pixel_values, grid = vlm_workload(a.model_dir, cfg, a.prompt_tokens or 487, iw, ih)
+        image = {"image_size": [iw, ih], "image_grid_thw": grid[0].tolist()}
+    else:
+        ids = workload_ids(a.prompt_tokens or 400)
+    ids1 = torch.tensor([ids], device=dev)
+    n_prompt = ids1.shape[1]
+    # Everything a call needs besides input_ids, per batch size: the images ride along (the
+    # vision tower runs in every prefill), as transformers' generate and forward take them.
+    extra = {1: {}, 2: {}}
+    if vlm:
+        mm = (ids1 == cfg.image_token_id).to(torch.int32)
+        px = pixel_values.to(dev, dtype)
+        extra = {b: {"pixel_values": torch.cat([px] * b), "image_grid_thw": grid.repeat(b, 1).to(dev),
+                     "mm_token_type_ids": mm.repeat(b, 1)} for b in (1, 2)}
+    image_tokens = int((ids1 == cfg.image_token_id).sum()) if vlm else 0
     ids2 = ids1.repeat(2, 1)
 
     def sync():
@@ -91,7 +172,7 @@ def main():
 
     def gen(ids):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                             min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+                             min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **extra[ids.shape[0]])
         assert out.shape[1] == ids.shape[1] + a.new_tokens, out.shape
 
     def timed(f):
@@ -127,7 +208,7 @@ def main():
         for rep in range(max(a.reps, 1) + 1):
             sync()
             t0 = time.perf_counter()
-            out = model(ids1, use_cache=True)
+            out = model(ids1, use_cache=True, **extra[1])
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             nxt.tolist()
             t_pre = time.perf_counter() - t0
@@ -140,19 +221,21 @@ def main():
                 nxt.tolist()
             t_dec = time.perf_counter() - t1
             if rep > 0:
-                pre.append(a.prompt_tokens / t_pre)
+                pre.append(n_prompt / t_pre)
                 dec.append(a.new_tokens / t_dec)
         coeffs = None
 
         def extract():
-            out = model(ids1, output_hidden_states=True)
+            out = model(ids1, output_hidden_states=True, **extra[1])
             assert len(out.hidden_states) == n_layers + 1
 
         ext_s, peak_ext = timed(extract)
     r = {
         "implementation": f"transformers {__import__('transformers').__version__} (torch {torch.__version__}, {a.attn})",
         "model": a.model_dir, "device": str(dev), "dtype": a.dtype, "layers": n_layers, "layer": layer,
-        "hook_point": f"blocks.{layer}.hook_resid_post", "coeff": a.coeff, "prompt_tokens": a.prompt_tokens,
+        "hook_point": f"blocks.{layer}.hook_resid_post", "coeff": a.coeff, "workload": "vlm" if vlm else "text",
+        "prompt_tokens": n_prompt, "image_tokens": image_tokens, "image_size": image.get("image_size"),
+        "image_grid_thw": image.get("image_grid_thw"), "prompt_hash": prompt_hash(ids),
         "new_tokens": a.new_tokens, "reps": max(a.reps, 1), "sequential_s": seq_s, "batched_s": bat_s,
         "decode_tok_s_b1": statistics.median(dec), "prefill_tok_s": statistics.median(pre), "extract_s": ext_s,
         "weights_bytes": weights_bytes, "peak_bytes_b1": peak_b1, "peak_bytes_b2": peak_b2,
