@@ -192,7 +192,7 @@ fn bench_paired_vlm_workload_has_the_image_and_prompt_tokens() {
 }
 
 /// The whole GPU check flow on the CPU (goldens, random checkpoint, ours and the transformers
-/// peer, report). Needs the target/py venv (scripts/goldens/venv.sh); ~3 minutes.
+/// peer on the text workload and on the tiny Qwen2-VL's image workload, report). Needs the target/py venv (scripts/goldens/venv.sh); ~3 minutes.
 #[test]
 #[ignore]
 fn gpu_check_script_runs_on_cpu_small() {
