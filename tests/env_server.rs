@@ -1,11 +1,19 @@
 //! The task file server: content types, and no way out of the html root.
+use miniwob_steer::env::server::ServerLimits;
 use miniwob_steer::env::{self, TaskServer};
 use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 /// Sends one raw HTTP/1.1 request and returns (status, content-type, body).
 fn get(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String, Vec<u8>) {
+    get_as(addr, &format!("127.0.0.1:{}", addr.port()), method, path)
+}
+
+/// [`get`] with the given `Host` header.
+fn get_as(addr: std::net::SocketAddr, host: &str, method: &str, path: &str) -> (u16, String, Vec<u8>) {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(c, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(c, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
     let mut buf = Vec::new();
     c.read_to_end(&mut buf).unwrap();
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
@@ -92,4 +100,84 @@ fn exp12_tasks_exist_in_the_wheel() {
     }
     assert!(all.iter().any(|t| t.name == "login-user" && t.multi_step));
     assert!(all.iter().any(|t| t.name == "flight.AA" && t.flight));
+}
+
+fn small_root() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("page.html"), "<html>ok</html>").unwrap();
+    d
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+/// Issue 18.14: only this server's loopback names and port are served (DNS rebinding).
+#[test]
+fn other_host_names_are_refused() {
+    let root = small_root();
+    let rt = runtime();
+    let server = rt.block_on(TaskServer::start(root.path())).unwrap();
+    let (addr, port) = (server.addr(), server.addr().port());
+    for ok in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("LOCALHOST:{port}")] {
+        assert_eq!(get_as(addr, &ok, "GET", "/page.html").0, 200, "{ok}");
+    }
+    for bad in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        "127.0.0.1".to_string(),
+        format!("127.0.0.1:{}", port.wrapping_add(1)),
+        format!("127.0.0.1.evil.example:{port}"),
+        String::new(),
+    ] {
+        let (status, _, body) = get_as(addr, &bad, "GET", "/page.html");
+        assert_eq!(status, 421, "Host {bad:?}");
+        assert!(!String::from_utf8_lossy(&body).contains("ok</html>"), "Host {bad:?} read the page");
+    }
+}
+
+/// Issue 18.13: a connection that never finishes its headers is closed after the header
+/// timeout (before: held forever), and no more than `max_connections` are served at once while
+/// a normal request still gets through.
+#[test]
+fn half_sent_requests_are_timed_out_and_bounded() {
+    let root = small_root();
+    let rt = runtime();
+    // The default limits: one half-sent request is dropped within the default timeout.
+    let server = rt.block_on(TaskServer::start(root.path())).unwrap();
+    let mut c = std::net::TcpStream::connect(server.addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+    c.write_all(b"GET /page.html HTTP/1.1\r\nHost: 127.0").unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let r = c.read_to_end(&mut buf);
+    assert!(r.is_ok() && t0.elapsed() < Duration::from_secs(20), "held {:?}: {r:?}", t0.elapsed());
+    drop(server);
+
+    let limits = ServerLimits { header_timeout: Duration::from_secs(1), max_connections: 4 };
+    let server = rt.block_on(TaskServer::start_with(root.path(), limits)).unwrap();
+    let addr = server.addr();
+    let mut held: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(b"GET /page.html HTTP/1.1\r\nHost: 12").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            c
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut peak = 0;
+    while t0.elapsed() < Duration::from_millis(1500) {
+        peak = peak.max(server.active_connections());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!((1..=4).contains(&peak), "{peak} connections served at once, limit 4");
+    // Every held connection is closed in turn (10 rounds of 4 × 1 s), then a request is served.
+    for c in &mut held {
+        let mut b = Vec::new();
+        assert!(c.read_to_end(&mut b).is_ok(), "a half-sent request was held past its timeout");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    assert_eq!(get(addr, "GET", "/page.html").0, 200);
+    assert!(server.active_connections() <= 1);
 }

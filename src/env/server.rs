@@ -3,56 +3,117 @@
 //! Only GET and HEAD; the decoded path is split into segments and any `.` / `..` segment, NUL,
 //! backslash or bad UTF-8 is refused (so `..`, `%2e%2e` and `%2f..` all fail), and the file found
 //! must canonicalize to a path inside the canonical root (so a symlink pointing out is refused).
+//! The `Host` header must be `127.0.0.1:PORT` or `localhost:PORT` (this server's port), so a
+//! DNS-rebinding page in the same browser cannot read the tree under another name. Headers
+//! must arrive within a timeout, and connections are bounded (see [`ServerLimits`]).
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+
+/// What the connection handlers share.
+struct Served {
+    root: PathBuf,
+    port: u16,
+}
+
+/// Limits that keep a misbehaving client (or a page in the same browser) from holding the
+/// server: a request's headers must arrive within `header_timeout`, at most `max_connections`
+/// are served at once (the rest wait in the listen backlog).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        // A few browsers on loopback need a handful of connections and send headers at once.
+        ServerLimits { header_timeout: Duration::from_secs(10), max_connections: 256 }
+    }
+}
 
 /// A running file server; stopped when dropped.
 pub struct TaskServer {
     addr: SocketAddr,
     root: PathBuf,
     stop: watch::Sender<bool>,
+    active: Arc<AtomicUsize>,
 }
 
 impl TaskServer {
     /// Serves `root` on 127.0.0.1 (free port). Must be called inside a tokio runtime; the
     /// server runs on that runtime until the `TaskServer` is dropped.
     pub async fn start(root: &Path) -> std::io::Result<TaskServer> {
+        Self::start_with(root, ServerLimits::default()).await
+    }
+
+    /// [`TaskServer::start`] with explicit limits.
+    pub async fn start_with(root: &Path, limits: ServerLimits) -> std::io::Result<TaskServer> {
         let root = std::fs::canonicalize(root)?;
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
-        let shared = Arc::new(root.clone());
+        let shared = Arc::new(Served { root: root.clone(), port: addr.port() });
+        let active = Arc::new(AtomicUsize::new(0));
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let counter = active.clone();
         tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(5);
             loop {
-                tokio::select! {
+                // A slot first: past the limit, new connections wait in the kernel's backlog.
+                let permit = tokio::select! {
                     _ = stopped.changed() => break,
-                    acc = listener.accept() => {
-                        let Ok((stream, _)) = acc else { continue };
-                        let root = shared.clone();
-                        let mut stop_conn = stopped.clone();
-                        tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                let root = root.clone();
-                                async move { Ok::<_, std::convert::Infallible>(handle(&root, req).await) }
-                            });
-                            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                            tokio::select! {
-                                _ = conn => {}
-                                _ = stop_conn.changed() => {}
-                            }
-                        });
+                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                };
+                let stream = tokio::select! {
+                    _ = stopped.changed() => break,
+                    acc = listener.accept() => match acc {
+                        Ok((stream, _)) => { backoff = Duration::from_millis(5); stream }
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait instead of spinning.
+                            tracing::warn!("task server: accept failed: {e}; retrying in {backoff:?}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                            continue;
+                        }
+                    },
+                };
+                let served = shared.clone();
+                let mut stop_conn = stopped.clone();
+                let counter = counter.clone();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let served = served.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&served, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop_conn.changed() => {}
                     }
-                }
+                    counter.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                });
             }
         });
-        Ok(TaskServer { addr, root, stop })
+        Ok(TaskServer { addr, root, stop, active })
+    }
+
+    /// Connections being served now (never more than [`ServerLimits::max_connections`]).
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
     }
 
     /// `http://127.0.0.1:PORT/`
@@ -136,7 +197,18 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-async fn handle(root: &Path, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Is `host` (a `Host` header) this server's own loopback name and port?
+pub fn host_allowed(host: &str, port: u16) -> bool {
+    let Some((name, p)) = host.rsplit_once(':') else { return false };
+    matches!(name.to_ascii_lowercase().as_str(), "127.0.0.1" | "localhost") && p.parse::<u16>() == Ok(port)
+}
+
+async fn handle(served: &Served, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let root = served.root.as_path();
+    let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if !host_allowed(host, served.port) {
+        return status(StatusCode::MISDIRECTED_REQUEST, "wrong host\n");
+    }
     let head = match *req.method() {
         Method::GET => false,
         Method::HEAD => true,
