@@ -358,3 +358,41 @@ fn flight_task_gives_fields() {
         assert_eq!(o.fields, again.fields);
     })
 }
+
+/// Issue 18.12: U+E000–U+F8FF are WebDriver key codes (U+E003 is Backspace); text holding them
+/// arrives as those characters, and presses no key.
+#[test]
+fn private_use_characters_are_typed_as_text_not_keys() {
+    with_session(async |s| {
+        let o = s.reset("enter-text", 3).await.unwrap();
+        let i = find(&o, "input", |e| e.tag == "INPUT_text").r#ref;
+        let text = "abc\u{E003}\u{E003}d\u{E007}\u{F8FF}e";
+        act(s, Action::TypeRef { r#ref: i, text: text.into() }).await;
+        let after = s.observe().await.unwrap();
+        assert_eq!(after.element(i).unwrap().value.as_deref(), Some(text));
+        assert!(!after.done, "U+E007 (Enter) must not have submitted the form");
+    })
+}
+
+/// Issue 18.6: typing long text takes longer than one call timeout; that is not a dead browser.
+#[test]
+fn long_text_is_not_a_dead_browser() {
+    rt().block_on(async {
+        let cfg = EnvConfig { call_timeout: std::time::Duration::from_secs(2), ..EnvConfig::default() };
+        let mut s = env::Session::start(cfg).await.expect("starting a browser");
+        let o = s.reset("enter-text", 4).await.unwrap();
+        let i = find(&o, "input", |e| e.tag == "INPUT_text").r#ref;
+        let text: String = (0..4000).map(|k| char::from(b'a' + (k % 26) as u8)).collect();
+        let t0 = std::time::Instant::now();
+        let r = s.act(&Action::TypeRef { r#ref: i, text: text.clone() }).await;
+        let took = t0.elapsed();
+        let r = r.unwrap_or_else(|e| panic!("typing 4000 characters in {took:?}: {e}"));
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(!s.is_dead());
+        let after = s.observe().await.unwrap();
+        assert_eq!(after.element(i).unwrap().value.as_deref(), Some(text.as_str()));
+        eprintln!("typed 4000 characters in {took:?} (call timeout 2 s)");
+        assert!(took > std::time::Duration::from_secs(2), "the text must outlast one call timeout to test this");
+        s.close().await;
+    })
+}

@@ -701,8 +701,10 @@ impl Session {
 
     /// Types `text` into the focused element: WebDriver Send Keys on the active element (the
     /// text arrives as key input, literally; `\n` is the Enter key, which inserts a newline in a
-    /// textarea). Characters outside the BMP, which chromedriver cannot type, and tabs go
-    /// through `document.execCommand('insertText')` with the text as a script argument.
+    /// textarea). Characters outside the BMP, which chromedriver cannot type, tabs, and the
+    /// private-use range U+E000–U+F8FF, which WebDriver reads as key codes (U+E003 is
+    /// Backspace), go through `document.execCommand('insertText')` with the text as a script
+    /// argument, so model output never presses a key it did not write.
     async fn type_text(&mut self, text: &str) -> Result<(), Fail> {
         if text.is_empty() {
             return Ok(());
@@ -713,22 +715,16 @@ impl Session {
             Ok(Err(e)) => return Err(self.action_error(e).await),
             Err(_) => return Err(Fail::Env(self.died("active element lookup timed out".into()))),
         };
-        // Split into runs of keyable characters and runs of the others (outside the BMP, and
-        // tab, which as a key would move the focus instead of inserting a tab).
-        let mut runs: Vec<(bool, String)> = Vec::new();
-        for c in text.chars() {
-            let keyable = (c as u32) <= 0xFFFF && c != '\t';
-            match runs.last_mut() {
-                Some((k, s)) if *k == keyable => s.push(c),
-                _ => runs.push((keyable, c.to_string())),
-            }
-        }
-        for (bmp, run) in runs {
-            if bmp {
-                match tokio::time::timeout(self.cfg.call_timeout, el.send_keys(&run)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(self.action_error(e).await),
-                    Err(_) => return Err(Fail::Env(self.died("typing timed out".into()))),
+        for (keyable, run) in typing_runs(text) {
+            if keyable {
+                // Long text is typed in chunks, each under the call timeout: slow typing is not
+                // a dead browser, and a dead one still times out within one chunk.
+                for chunk in chunks(&run, TYPE_CHUNK_CHARS) {
+                    match tokio::time::timeout(self.cfg.call_timeout, el.send_keys(chunk)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(self.action_error(e).await),
+                        Err(_) => return Err(Fail::Env(self.died("typing timed out".into()))),
+                    }
                 }
             } else if let Some(m) = self.exec_action(INSERT_TEXT_JS, vec![json!(run)]).await? {
                 return Err(Fail::Action(m));
@@ -736,6 +732,42 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Characters per Send Keys call (chromedriver types ≈ 1–2 ms per character here).
+const TYPE_CHUNK_CHARS: usize = 200;
+
+/// Can this character be sent as WebDriver key input and arrive as itself?
+fn keyable(c: char) -> bool {
+    let u = c as u32;
+    u <= 0xFFFF && c != '\t' && !(0xE000..=0xF8FF).contains(&u)
+}
+
+/// `text` split into runs of keyable characters and runs of the others, in order.
+pub fn typing_runs(text: &str) -> Vec<(bool, String)> {
+    let mut runs: Vec<(bool, String)> = Vec::new();
+    for c in text.chars() {
+        let k = keyable(c);
+        match runs.last_mut() {
+            Some((rk, s)) if *rk == k => s.push(c),
+            _ => runs.push((k, c.to_string())),
+        }
+    }
+    runs
+}
+
+/// `s` in pieces of at most `n` characters.
+fn chunks(s: &str, n: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (count, (i, _)) in s.char_indices().enumerate() {
+        if count > 0 && count % n == 0 {
+            out.push(&s[start..i]);
+            start = i;
+        }
+    }
+    out.push(&s[start..]);
+    out
 }
 
 fn outcome(r: Result<(), Fail>) -> Result<Option<String>, EnvError> {
