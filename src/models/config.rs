@@ -89,6 +89,14 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// Refuses a zero count (heads, kv heads, layers, sizes) before anything divides by it.
+pub(crate) fn nonzero(file: &str, fields: &[(&str, usize)]) -> Result<()> {
+    if let Some((k, _)) = fields.iter().find(|(_, v)| *v == 0) {
+        bail!("{file}: `{k}` is 0; it must be at least 1");
+    }
+    Ok(())
+}
+
 fn req_usize(v: &Value, key: &str, file: &str) -> Result<usize> {
     match get(v, key) {
         Some(x) => x
@@ -162,8 +170,18 @@ impl DecoderConfig {
         let hidden_size = req_usize(&v, "hidden_size", file)?;
         let num_heads = req_usize(&v, "num_attention_heads", file)?;
         let num_kv_heads = opt_usize(&v, "num_key_value_heads", file)?.unwrap_or(num_heads);
-        let head_dim = opt_usize(&v, "head_dim", file)?.unwrap_or(hidden_size / num_heads);
         let num_layers = req_usize(&v, "num_hidden_layers", file)?;
+        nonzero(
+            file,
+            &[
+                ("hidden_size", hidden_size),
+                ("num_attention_heads", num_heads),
+                ("num_key_value_heads", num_kv_heads),
+                ("num_hidden_layers", num_layers),
+            ],
+        )?;
+        let head_dim = opt_usize(&v, "head_dim", file)?.unwrap_or(hidden_size / num_heads);
+        nonzero(file, &[("head_dim", head_dim)])?;
         if num_heads % num_kv_heads != 0 {
             bail!(
                 "{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
@@ -288,5 +306,47 @@ impl DecoderConfig {
     /// The layer that `--layer auto` steers: 50% depth (L14 of 28, L12 of 24, L8 of 16).
     pub fn auto_layer(&self) -> usize {
         self.num_layers / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn llama(heads: u64, kv: Option<u64>) -> Value {
+        let mut v = json!({
+            "model_type": "llama", "hidden_size": 64, "num_attention_heads": heads,
+            "num_hidden_layers": 2, "vocab_size": 100, "intermediate_size": 128,
+        });
+        if let Some(kv) = kv {
+            v["num_key_value_heads"] = json!(kv);
+        }
+        v
+    }
+
+    /// Issue 18.8: zero counts are a clear error naming the file and the field, never a
+    /// division by zero.
+    #[test]
+    fn zero_heads_or_layers_are_errors_not_panics() {
+        DecoderConfig::from_json(&llama(4, Some(2)), "ok.json").unwrap();
+        for (v, field) in [
+            (llama(0, None), "num_attention_heads"),
+            (llama(4, Some(0)), "num_key_value_heads"),
+            (
+                json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 0,
+                    "vocab_size": 100, "intermediate_size": 128}),
+                "num_hidden_layers",
+            ),
+            (
+                json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 0,
+                    "num_hidden_layers": 2, "vocab_size": 100, "intermediate_size": 128}),
+                "head_dim",
+            ),
+        ] {
+            let r = std::panic::catch_unwind(|| DecoderConfig::from_json(&v, "/m/config.json"));
+            let e = r.unwrap_or_else(|_| panic!("{field} = 0 panicked")).unwrap_err().to_string();
+            assert!(e.contains("/m/config.json") && e.contains(&format!("`{field}` is 0")), "{e}");
+        }
     }
 }

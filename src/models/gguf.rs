@@ -55,9 +55,23 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     let hidden_size = req("embedding_length")?;
     let num_heads = req("attention.head_count")?;
     let num_kv_heads = meta_u64(c, &format!("{arch}.attention.head_count_kv")).map(|x| x as usize).unwrap_or(num_heads);
+    let num_layers = req("block_count")?;
+    let key = |k: &str| format!("{arch}.{k}");
+    super::config::nonzero(
+        &file,
+        &[
+            (&key("embedding_length"), hidden_size),
+            (&key("attention.head_count"), num_heads),
+            (&key("attention.head_count_kv"), num_kv_heads),
+            (&key("block_count"), num_layers),
+        ],
+    )?;
+    if num_heads % num_kv_heads != 0 {
+        bail!("{file}: {arch}.attention.head_count ({num_heads}) is not a multiple of head_count_kv ({num_kv_heads})");
+    }
     let head_dim =
         meta_u64(c, &format!("{arch}.attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
-    let num_layers = req("block_count")?;
+    super::config::nonzero(&file, &[(&key("attention.key_length"), head_dim)])?;
     let vocab_size = match c.tensor_infos.get("token_embd.weight") {
         Some(info) => info.shape.dims()[0],
         None => bail!("{file}: missing tensor `token_embd.weight`"),
@@ -66,8 +80,10 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     // Llama-3 GGUFs carry RoPE scaling as a `rope_freqs.weight` tensor instead of metadata.
     let rope_scaling = if c.tensor_infos.contains_key("rope_freqs.weight") {
         let mut f = std::fs::File::open(path)?;
-        let t =
-            c.tensor(&mut f, "rope_freqs.weight", &candle_core::Device::Cpu)?.dequantize(&candle_core::Device::Cpu)?;
+        let t = c
+            .tensor(&mut f, "rope_freqs.weight", &candle_core::Device::Cpu)
+            .with_context(|| format!("{file}: reading tensor `rope_freqs.weight`"))?
+            .dequantize(&candle_core::Device::Cpu)?;
         RopeScaling::FreqFactors(t.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect())
     } else {
         RopeScaling::None
@@ -107,4 +123,48 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
         bos_token_id: meta_u64(c, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
         eos_token_ids: eos,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::{TensorInfo, VersionedMagic};
+    use candle_core::quantized::GgmlDType;
+
+    fn content(heads: u32, kv: u32, layers: u32) -> Content {
+        let m = |x: u32| Value::U32(x);
+        let metadata = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.embedding_length", m(64)),
+            ("llama.attention.head_count", m(heads)),
+            ("llama.attention.head_count_kv", m(kv)),
+            ("llama.block_count", m(layers)),
+            ("llama.feed_forward_length", m(128)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let emb = TensorInfo { ggml_dtype: GgmlDType::F32, shape: (100, 64).into(), offset: 0 };
+        Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: [("token_embd.weight".to_string(), emb)].into_iter().collect(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    /// Issue 18.8: zero heads, kv heads or layers in GGUF metadata are errors naming the key.
+    #[test]
+    fn zero_counts_in_metadata_are_errors_not_panics() {
+        config(&content(4, 2, 2), Path::new("ok.gguf")).unwrap();
+        for (c, key) in [
+            (content(0, 2, 2), "llama.attention.head_count"),
+            (content(4, 0, 2), "llama.attention.head_count_kv"),
+            (content(4, 2, 0), "llama.block_count"),
+        ] {
+            let r = std::panic::catch_unwind(|| config(&c, Path::new("/m/x.gguf")));
+            let e = r.unwrap_or_else(|_| panic!("{key} = 0 panicked")).unwrap_err().to_string();
+            assert!(e.contains("/m/x.gguf") && e.contains(&format!("`{key}` is 0")), "{e}");
+        }
+    }
 }

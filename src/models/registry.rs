@@ -240,14 +240,25 @@ pub fn resolve(spec: &str) -> Result<Resolved> {
     })
 }
 
+/// `the model has 24 layers (0..23)`, or `the model has no layers`.
+pub fn layer_range(num_layers: usize) -> String {
+    match num_layers.checked_sub(1) {
+        Some(last) => format!("the model has {num_layers} layers (0..{last})"),
+        None => "the model has no layers".into(),
+    }
+}
+
 /// Parses `--layer auto|N` against a model's depth.
 pub fn parse_layer(spec: &str, num_layers: usize) -> Result<usize> {
+    if num_layers == 0 {
+        bail!("--layer {spec}: {}", layer_range(0));
+    }
     if spec == "auto" {
         return Ok(num_layers / 2);
     }
     let l: usize = spec.parse().with_context(|| format!("--layer must be `auto` or a layer index, found `{spec}`"))?;
     if l >= num_layers {
-        bail!("--layer {l} is out of range: the model has {num_layers} layers (0..{})", num_layers - 1);
+        bail!("--layer {l} is out of range: {}", layer_range(num_layers));
     }
     Ok(l)
 }
@@ -272,6 +283,13 @@ mod tests {
         assert_eq!(parse_layer("auto", 28).unwrap(), 14);
         assert!(parse_layer("28", 28).is_err());
         assert!(parse_layer("x", 28).is_err());
+        // Issue 18.8: a model without layers has no layer to pick (before: `auto` gave 0, and an
+        // index underflowed `num_layers - 1`).
+        for spec in ["auto", "0", "3"] {
+            let e = parse_layer(spec, 0).unwrap_err().to_string();
+            assert!(e.contains("the model has no layers"), "{e}");
+        }
+        assert!(parse_layer("30", 30).unwrap_err().to_string().contains("30 layers (0..29)"));
     }
 
     #[test]

@@ -409,7 +409,10 @@ impl Weights {
         }
         let mut f = file.lock().map_err(|_| anyhow::anyhow!("GGUF file lock poisoned"))?;
         // Quantized tensors live on the CPU first; moved to the device after any row permutation.
-        Ok(content.tensor(&mut *f, &n, &Device::Cpu)?)
+        content.tensor(&mut *f, &n, &Device::Cpu).with_context(|| {
+            let path = self.files().first().map(|p| p.display().to_string()).unwrap_or_default();
+            format!("{path}: reading tensor `{n}` (a truncated or corrupt GGUF file? re-run ./scripts/setup.sh)")
+        })
     }
 
     /// Loads a dense tensor in f32 with the given expected shape.

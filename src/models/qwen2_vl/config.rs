@@ -186,6 +186,16 @@ impl Qwen2VlConfig {
                 text.hidden_size
             );
         }
+        crate::models::config::nonzero(
+            file,
+            &[
+                ("vision_config.depth", vision.depth),
+                ("vision_config.embed_dim", vision.embed_dim),
+                ("vision_config.num_heads", vision.num_heads),
+                ("vision_config.patch_size", vision.patch_size),
+                ("vision_config.spatial_merge_size", vision.spatial_merge_size),
+            ],
+        )?;
         if !vision.embed_dim.is_multiple_of(vision.num_heads) || !vision.head_dim().is_multiple_of(4) {
             bail!(
                 "{file}: vision_config.embed_dim ({}) / num_heads ({}) must be a multiple of 4 (2-D rotary halves)",
