@@ -5,6 +5,7 @@ use super::load::LoadedModel;
 use super::registry::{self, REGISTRY};
 use super::tokenizer::ChatMessage;
 use crate::gpu::device::DTypeChoice;
+use crate::steering::vector::SteeringVector;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -127,32 +128,15 @@ pub struct GenerateArgs {
     /// Positions to steer: last, all, prompt, generated.
     #[arg(long, default_value = "last")]
     pub positions: Positions,
+    /// Use a vector computed on other weights of the same shape (e.g. another quantization).
+    #[arg(long)]
+    pub allow_foreign_vector: bool,
     /// Also generate an unsteered baseline row in the same batch.
     #[arg(long)]
     pub with_baseline: bool,
     /// One JSON object per row instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Reads a steering vector for one layer from a safetensors file (`layer.{i}`, `[hidden]`).
-pub fn read_layer_vector(path: &std::path::Path, layer: usize, hidden: usize) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("reading steering vector file {}", path.display()))?;
-    let key = format!("layer.{layer}");
-    let t = tensors.get(&key).with_context(|| {
-        let mut have: Vec<&String> = tensors.keys().collect();
-        have.sort();
-        format!("{}: no tensor `{key}` (the file has {have:?}); pick --layer accordingly", path.display())
-    })?;
-    if t.dims() != [hidden] {
-        bail!(
-            "{}: tensor `{key}` has shape {:?}, expected [{hidden}] (this model's hidden size): the vector belongs to another model",
-            path.display(),
-            t.dims()
-        );
-    }
-    Ok(t.to_dtype(DType::F32)?)
 }
 
 pub fn render_prompt(m: &LoadedModel, prompt: &str, chat: bool) -> Result<String> {
@@ -164,15 +148,22 @@ pub fn render_prompt(m: &LoadedModel, prompt: &str, chat: bool) -> Result<String
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    // Read and checked before the model loads: a bad file fails at once.
+    let vector = a.vector.as_deref().map(SteeringVector::load).transpose()?;
+    if let Some(c) = a.coeff.iter().find(|c| !c.is_finite()) {
+        bail!("--coeff {c}: coefficients must be finite");
+    }
     let m = a.model.load()?;
     let text = render_prompt(&m, &a.prompt, a.chat)?;
     let ids = m.tokenizer.encode(&text, !a.chat)?;
     let mut coeffs: Vec<f32> = Vec::new();
     let mut spec = HookSpec::none();
     let mut layer = None;
-    if let Some(path) = &a.vector {
+    if let (Some(path), Some(sv)) = (&a.vector, &vector) {
+        let ctx = || format!("--vector {}", path.display());
+        sv.check_model(&m.info, a.allow_foreign_vector).with_context(ctx)?;
         let l = registry::parse_layer(&a.layer, m.decoder.cfg.num_layers)?;
-        let v = read_layer_vector(path, l, m.decoder.cfg.hidden_size)?;
+        let v = sv.layer(l).with_context(ctx)?.clone();
         if a.with_baseline {
             coeffs.push(0.0);
         }

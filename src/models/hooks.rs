@@ -121,7 +121,8 @@ pub struct AddIntervention {
     pub point: HookPoint,
     /// Shape `[hidden]`.
     pub vector: Tensor,
-    /// One coefficient per batch row; 0 leaves that row bit-identical to no intervention.
+    /// One coefficient per batch row; 0 leaves that row bit-identical to no intervention (the
+    /// vector is not used for it at all).
     pub coeffs: Vec<f32>,
     pub positions: Positions,
 }
@@ -160,7 +161,7 @@ impl HookSpec {
         let check_point = |p: &HookPoint| -> Result<()> {
             match p {
                 HookPoint::ResidPre(i) | HookPoint::ResidPost(i) if *i >= num_layers => {
-                    bail!("hook point `{p}` is out of range: the model has {num_layers} layers (0..{})", num_layers - 1)
+                    bail!("hook point `{p}` is out of range: {}", crate::models::registry::layer_range(num_layers))
                 }
                 _ => Ok(()),
             }
@@ -272,8 +273,7 @@ pub(crate) fn apply(
     let mut xs = xs;
     for iv in spec.interventions.iter().filter(|iv| iv.point == point) {
         let (b, seq, _h) = xs.dims3()?;
-        // Per-row scale times position mask, as one [b, seq, 1] tensor; rows with α = 0
-        // receive an exact +0.0, which leaves every value (and so the logits) unchanged.
+        // Per-row scale times position mask, as one [b, seq, 1] tensor.
         let mut scale = Vec::with_capacity(b * seq);
         let mut any = false;
         for row in 0..b {
@@ -290,9 +290,18 @@ pub(crate) fn apply(
             continue;
         }
         let dev: &Device = xs.device();
+        let keep = scale.contains(&0.0).then(|| scale.iter().map(|&x| u8::from(x != 0.0)).collect::<Vec<u8>>());
         let scale = Tensor::from_vec(scale, (b, seq, 1), dev)?.to_dtype(xs.dtype())?;
         let v = iv.vector.to_device(dev)?.to_dtype(xs.dtype())?.reshape((1, 1, ()))?;
-        xs = (xs + scale.broadcast_mul(&v)?)?;
+        let steered = (&xs + scale.broadcast_mul(&v)?)?;
+        xs = match keep {
+            // Positions with α = 0 (baseline rows, unselected positions) keep their values
+            // untouched, not `x + 0 * v`: that is NaN for a non-finite v, and -0.0 becomes +0.0.
+            Some(keep) => {
+                Tensor::from_vec(keep, (b, seq, 1), dev)?.broadcast_as(xs.shape())?.where_cond(&steered, &xs)?
+            }
+            None => steered,
+        };
     }
     if spec.captures.contains(&point) {
         captures.tensors.entry(point).or_default().push(xs.to_dtype(DType::F32)?);
@@ -303,6 +312,36 @@ pub(crate) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 18.7: a row with α = 0 never touches the vector: NaN in the vector leaves it
+    /// exactly as it was (before: 0 × NaN = NaN), and -0.0 stays -0.0.
+    #[test]
+    fn zero_coefficient_rows_do_not_touch_the_vector() {
+        let vals: Vec<f32> = (0..24).map(|i| if i == 5 { -0.0 } else { i as f32 * 0.5 - 3.0 }).collect();
+        let xs = Tensor::from_vec(vals.clone(), (2, 3, 4), &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let v = Tensor::new(&[f32::NAN, 1.0, f32::INFINITY, 2.0], &Device::Cpu).unwrap();
+        let spec = HookSpec::none().add(HookPoint::ResidPost(0), v, vec![0.0, 1.0], Positions::Last);
+        let out =
+            apply(&spec, HookPoint::ResidPost(0), xs.clone(), &StepInfo::prefill(vec![0, 0]), &mut Captures::default())
+                .unwrap();
+        let (o, x) = (bits(&out), bits(&xs));
+        assert_eq!(o[..12], x[..12], "the α = 0 row is untouched");
+        assert_eq!(o[12..20], x[12..20], "unselected positions of the steered row are untouched");
+        let last: Vec<f32> = out.get(1).unwrap().get(2).unwrap().to_vec1().unwrap();
+        assert!(last[0].is_nan() && last[1] == vals[21] + 1.0 && last[2].is_infinite());
+        // A finite vector: the α = 0 row is bit-identical (sign of zero included), the other moves.
+        let v = Tensor::new(&[1.0f32, 1.0, 1.0, 1.0], &Device::Cpu).unwrap();
+        let spec = HookSpec::none().add(HookPoint::ResidPost(0), v, vec![2.0, 0.0], Positions::All);
+        let out =
+            apply(&spec, HookPoint::ResidPost(0), xs.clone(), &StepInfo::prefill(vec![0, 0]), &mut Captures::default())
+                .unwrap();
+        let o = bits(&out);
+        assert_eq!(o[12..], x[12..]);
+        assert_eq!(out.get(0).unwrap().get(1).unwrap().to_vec1::<f32>().unwrap()[1], -0.0 + 2.0);
+    }
 
     #[test]
     fn hook_point_names_round_trip() {

@@ -136,7 +136,16 @@ impl SteeringVector {
                     meta.num_layers
                 );
             }
-            layers.insert(l, t.to_dtype(DType::F32)?);
+            let t = t.to_dtype(DType::F32)?;
+            // A NaN or infinity would turn every steered row's output into garbage (and, times a
+            // coefficient of 0, the baseline's too): refused here, with where it is.
+            if let Some((i, x)) = t.to_vec1::<f32>()?.into_iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                bail!(
+                    "{}: tensor `{name}` has a non-finite value ({x}) at index {i}; a steering vector must be finite",
+                    path.display()
+                );
+            }
+            layers.insert(l, t);
         }
         if layers.is_empty() {
             bail!("{}: no layer.N tensors", path.display());
@@ -160,7 +169,7 @@ impl SteeringVector {
         }
         if self.meta.weights_hash != info.weights_hash && !allow_foreign {
             bail!(
-                "steering vector was computed on {} (weights {}), not on {} (weights {}); pass --allow-foreign-vector to use it anyway",
+                "steering vector was computed on {} (weights {}), not on {} (weights {}); pass --allow-foreign-vector (run, generate) to use it anyway",
                 self.meta.model,
                 self.meta.weights_hash,
                 info.name,
