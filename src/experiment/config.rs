@@ -73,6 +73,11 @@ impl ExperimentFile {
                 bail!("{origin}: tasks = {n:?}: expected \"all\" or a list of task names");
             }
         }
+        if let Some((i, c)) = f.coeffs.iter().enumerate().find(|(_, c)| !c.is_finite() || **c == 0.0) {
+            bail!(
+                "{origin}: coeffs[{i}] = {c}: every coefficient must be finite and non-zero (α = 0 is the baseline, always run)"
+            );
+        }
         for l in &f.layers {
             if let LayerSpec::Name(n) = l {
                 if n != "auto" {
@@ -123,5 +128,21 @@ mod tests {
         assert_eq!(q.name.as_deref(), Some("quick"));
         assert!(ExperimentFile::parse("bogus = 1", "x").is_err());
         assert!(ExperimentFile::parse("layers = [\"mid\"]", "x").is_err());
+    }
+
+    /// Issue 18.11: a bad coefficient in a file names the file (not `--coeff`).
+    #[test]
+    fn bad_coefficients_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, shown) in [
+            ("coeffs = [3.0, nan]", "coeffs[1] = NaN"),
+            ("coeffs = [inf]", "coeffs[0] = inf"),
+            ("coeffs = [0.0]", "coeffs[0] = 0"),
+        ] {
+            let p = dir.path().join("bad.toml");
+            std::fs::write(&p, text).unwrap();
+            let e = ExperimentFile::load(p.to_str().unwrap()).unwrap_err().to_string();
+            assert!(e.contains(p.to_str().unwrap()) && e.contains(shown) && !e.contains("--coeff"), "{e}");
+        }
     }
 }
