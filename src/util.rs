@@ -65,3 +65,18 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
         .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     Ok(meta.metadata().clone().unwrap_or_default())
 }
+
+/// Held while a results line is written (and by a signal handler before it exits), so that an
+/// exit on SIGINT/SIGTERM/SIGHUP never cuts a line in half.
+static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` (one whole write) so that a signal-triggered exit waits for it to finish.
+pub fn uninterrupted<R>(f: impl FnOnce() -> R) -> R {
+    let _g = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}
+
+/// Waits for the write in progress, if any, and keeps new ones from starting while held.
+pub fn hold_writes() -> std::sync::MutexGuard<'static, ()> {
+    WRITES.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -44,7 +44,7 @@ pub fn run(a: BenchEnvArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
-        super::browser::install_ctrlc_cleanup();
+        super::browser::install_signal_cleanup();
         println!(
             "bench env: task {}, {} episodes per row, reset(+observe) + click + reward; cores: {}",
             a.task,

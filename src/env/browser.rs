@@ -3,11 +3,12 @@
 //! chromedriver runs in its own process group, and Chromium (which it starts) inherits it, so
 //! killing the group (SIGKILL to `-pgid`) takes the whole browser down. Each browser is in a
 //! process-wide registry: `Drop` kills its group and removes its temp profile, an `atexit` hook
-//! does the same for browsers held in statics (test binaries), and [`install_ctrlc_cleanup`] does
-//! it on Ctrl-C. Only a SIGKILL of this process leaves them behind.
+//! does the same for browsers held in statics (test binaries), and [`install_signal_cleanup`] does
+//! it on SIGINT, SIGTERM and SIGHUP. Only a SIGKILL of this process leaves them behind.
 use super::EnvError;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -52,14 +53,78 @@ pub fn kill_all_browsers() {
     }
 }
 
-/// On Ctrl-C (SIGINT): kill all browsers, remove their profiles, exit with status 130. Call
-/// once from inside a tokio runtime (the CLI does).
-pub fn install_ctrlc_cleanup() {
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
+/// Write end of the pipe that the signal handler reports on (-1 until installed).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+static SIGNALS: Once = Once::new();
+/// Set once a signal is being handled: no browser starts after it.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only async-signal-safe work here: hand the signal number to the cleanup thread.
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) of one byte from a live stack variable; async-signal-safe.
+        unsafe {
+            libc::write(fd, (&b as *const u8).cast(), 1);
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP (Ctrl-C, `kill`, `timeout`, Slurm, a closed terminal): wait for
+/// a results line being written to finish, kill every browser, remove their profiles and exit
+/// with 128 + the signal (130, 143, 129). Installed once per process, by the first browser
+/// launch or by a command; runs on its own thread, so it works whichever tokio runtime is alive.
+pub fn install_signal_cleanup() {
+    SIGNALS.call_once(|| {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2(2) fills the two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            tracing::warn!("no signal cleanup: pipe failed: {}", std::io::Error::last_os_error());
+            return;
+        }
+        let read_fd = fds[0];
+        let spawned = std::thread::Builder::new().name("signal-cleanup".into()).spawn(move || {
+            let mut b = 0u8;
+            loop {
+                // SAFETY: read(2) of one byte into a live stack variable.
+                let n = unsafe { libc::read(read_fd, (&mut b as *mut u8).cast(), 1) };
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            let sig = i32::from(b);
+            // Held until exit: a line being appended is finished, none is started after.
+            let _writes = crate::util::hold_writes();
+            STOPPING.store(true, Ordering::SeqCst);
             kill_all_browsers();
-            eprintln!("interrupted: browsers stopped");
-            std::process::exit(130);
+            let name = match sig {
+                libc::SIGINT => "SIGINT",
+                libc::SIGTERM => "SIGTERM",
+                libc::SIGHUP => "SIGHUP",
+                _ => "a signal",
+            };
+            eprintln!("{name}: browsers stopped, exiting");
+            std::process::exit(128 + sig);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("no signal cleanup: {e}");
+            return;
+        }
+        SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
         }
     });
 }
@@ -152,6 +217,7 @@ impl Browser {
                 libc::atexit(cleanup_at_exit);
             }
         });
+        install_signal_cleanup();
         let profile = tempfile::Builder::new()
             .prefix("miniwob-steer-chromium-")
             .tempdir()
@@ -167,11 +233,21 @@ impl Browser {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            let driver = cmd.spawn().map_err(|e| {
-                EnvError::Setup(format!("starting {}: {e}; run ./scripts/setup.sh", driver_bin.display()))
-            })?;
+            // Spawned and registered under the lock, and not at all once a signal is being
+            // handled: the cleanup either sees this browser or it is never started.
+            let driver = {
+                let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+                if STOPPING.load(Ordering::SeqCst) {
+                    let _ = std::fs::remove_dir_all(&profile);
+                    return Err(EnvError::Setup("stopping on a signal; no new browser".into()));
+                }
+                let driver = cmd.spawn().map_err(|e| {
+                    EnvError::Setup(format!("starting {}: {e}; run ./scripts/setup.sh", driver_bin.display()))
+                })?;
+                live.push((driver.id() as i32, profile.clone()));
+                driver
+            };
             let pgid = driver.id() as i32;
-            LIVE.lock().unwrap_or_else(|p| p.into_inner()).push((pgid, profile.clone()));
             let mut proc = DriverProc { driver, pgid, profile: profile.clone() };
             match connect(&mut proc, port, &chromium_bin, cfg).await {
                 Ok(client) => return Ok(Browser { client, proc, started: Instant::now() }),

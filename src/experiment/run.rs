@@ -845,7 +845,7 @@ async fn evaluate(
     counts: Arc<Mutex<Counts>>,
     progress: bool,
 ) -> Result<(usize, usize, Option<String>, f64)> {
-    env::browser::install_ctrlc_cleanup();
+    env::browser::install_signal_cleanup();
     let t0 = Instant::now();
     let pool = Pool::new(s.concurrency, env_config()).await?;
     tracing::info!(sessions = s.concurrency, "browsers up in {:.1}s", t0.elapsed().as_secs_f64());

@@ -238,7 +238,7 @@ async fn evaluate(
     results: Arc<Mutex<ResultsFile>>,
     progress: bool,
 ) -> Result<(usize, usize, Option<String>, f64)> {
-    env::browser::install_ctrlc_cleanup();
+    env::browser::install_signal_cleanup();
     let pool = Pool::new(s.concurrency, env_config()).await?;
     let steering = match (s.base_only, layer) {
         (false, Some(l)) => {
