@@ -1,6 +1,9 @@
 //! End to end on real Chromium with smollm2-135m (f32): the `run` subcommand writes one line per
 //! episode with every field of docs/results-format.md, a rerun is a no-op, a run killed with
 //! SIGKILL midway resumes to exactly the full set, and shards 0/3, 1/3, 2/3 are the unsharded set.
+mod common;
+
+use common::child_groups;
 use miniwob_steer::experiment::plan::{expand, shard, Shard};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ const TASKS: &str = "click-test,click-button,click-link";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Every field of docs/results-format.md.
-const FIELDS: [&str; 30] = [
+const FIELDS: [&str; 33] = [
     "experiment",
     "model",
     "checkpoint",
@@ -44,6 +47,9 @@ const FIELDS: [&str; 30] = [
     "wall_s",
     "tokens_in",
     "tokens_out",
+    "vector_source",
+    "max_steps",
+    "max_new_tokens",
     "harness_version",
     "key",
 ];
@@ -144,6 +150,8 @@ fn quick_run_writes_every_field_and_rerun_is_a_noop() {
         assert_eq!(l["weights_hash"].as_str().unwrap().len(), 16);
         assert_eq!(l["prompt_hash"].as_str().unwrap().len(), 16);
         assert!(l["vector_hash"].as_str().is_some_and(|h| !h.is_empty()));
+        assert_eq!(l["vector_source"], "caa:n=2,seed=0");
+        assert_eq!((l["max_steps"].as_u64(), l["max_new_tokens"].as_u64()), (Some(1), Some(12)));
         let steered = l["condition"] == "steered";
         assert_eq!(l["coeff"].as_f64().unwrap(), if steered { 3.0 } else { 0.0 });
         assert_eq!(l["success"].as_bool().unwrap(), l["raw_reward"].as_f64().unwrap() > 0.0);
@@ -176,25 +184,6 @@ fn quick_run_writes_every_field_and_rerun_is_a_noop() {
     assert_eq!(s["new_episodes"], 0, "{stdout}");
     assert_eq!(s["episodes"], 12);
     assert!(t0.elapsed() < Duration::from_secs(60));
-}
-
-/// Process-group ids of the chromedriver children of `pid` (each runs in its own group).
-fn child_groups(pid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
-        // pid (comm) state ppid pgrp ...
-        let Some(rest) = stat.rsplit_once(')').map(|r| r.1) else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 2 && f[1] == pid.to_string() {
-            if let Ok(g) = f[2].parse::<i32>() {
-                if g > 1 && g as u32 != pid {
-                    out.push(g);
-                }
-            }
-        }
-    }
-    out
 }
 
 #[test]

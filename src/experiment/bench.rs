@@ -80,6 +80,8 @@ fn settings(
         max_steps: 1,
         max_new_tokens: a.max_new_tokens,
         out: dir.join(format!("{name}.jsonl")),
+        keep_other_configs: false,
+        allow_foreign_vector: false,
     })
 }
 

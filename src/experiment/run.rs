@@ -2,7 +2,7 @@
 //! then evaluate paired baseline/steered episodes, resumably, one result line per episode.
 use super::config::{ExperimentFile, LayerSpec};
 use super::plan::{self, Item, Shard};
-use super::results::{episode_key, EpisodeLine, ResultsFile};
+use super::results::{episode_key, EpisodeLine, ResultsFile, RunConfig};
 use crate::agent::{Agent, Arm, EpisodeOutcome, Generator, GeneratorConfig, PromptBuilder, Steering};
 use crate::env::{self, EnvConfig, EnvError, Observation, Pool};
 use crate::gpu::device::DTypeChoice;
@@ -92,9 +92,17 @@ pub struct RunArgs {
     /// Experiment name in result lines [default: the experiment file's name, else `exp12`].
     #[arg(long)]
     pub name: Option<String>,
-    /// Results file (JSONL, appended; a rerun resumes).
+    /// Results file (JSONL, appended; a rerun resumes; locked while a run uses it).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Keep the lines of other configurations (another model, dtype, vector, …) that --out
+    /// holds, and run this configuration's episodes beside them, instead of refusing the file.
+    #[arg(long)]
+    pub keep_other_configs: bool,
+    /// Use a --vector computed on other weights of the same shape (e.g. the same model at
+    /// another quantization).
+    #[arg(long)]
+    pub allow_foreign_vector: bool,
     /// Also write the summary as JSON here.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
@@ -136,6 +144,8 @@ pub struct Settings {
     pub max_steps: usize,
     pub max_new_tokens: usize,
     pub out: PathBuf,
+    pub keep_other_configs: bool,
+    pub allow_foreign_vector: bool,
 }
 
 fn parse_method(s: &str) -> Result<Method> {
@@ -188,8 +198,9 @@ impl Settings {
         } else {
             vec![3.0]
         };
-        if coeffs.iter().any(|c| !c.is_finite() || *c == 0.0) {
-            bail!("--coeff: every coefficient must be finite and non-zero (α = 0 is the baseline, always run)");
+        // The experiment file's coefficients were checked when it was parsed (naming the file).
+        if let Some(c) = a.coeff.iter().find(|c| !c.is_finite() || **c == 0.0) {
+            bail!("--coeff {c}: every coefficient must be finite and non-zero (α = 0 is the baseline, always run)");
         }
         let tasks = parse_tasks(&a.tasks.clone().or(f.task_string()).unwrap_or_else(|| "all".into()))?;
         let out = a.out.clone().context("--out FILE.jsonl is required")?;
@@ -231,6 +242,8 @@ impl Settings {
             max_steps: a.max_steps.or(f.max_steps).unwrap_or(1).max(1),
             max_new_tokens: a.max_new_tokens.or(f.max_new_tokens).unwrap_or(40).max(1),
             out,
+            keep_other_configs: a.keep_other_configs,
+            allow_foreign_vector: a.allow_foreign_vector,
         })
     }
 }
@@ -271,9 +284,52 @@ pub struct RunMeta {
     pub prompt_pair: Option<String>,
     pub vector_method: Option<String>,
     pub harness: String,
+    /// What else decides the outcome (model, dtype, vector source, …): part of every key.
+    pub config: RunConfig,
+    pub config_id: String,
 }
 
 impl RunMeta {
+    /// The run's metadata; `vector_file_hash` is the hash of `--vector` when one is given.
+    pub fn new(
+        s: &Settings,
+        info: &ModelInfo,
+        layer: Option<usize>,
+        vlm: bool,
+        vector_file_hash: Option<&str>,
+    ) -> RunMeta {
+        let vector_source = match (s.base_only, vector_file_hash) {
+            (true, _) => None,
+            (false, Some(h)) => Some(format!("file:{h}")),
+            // The vector cache is keyed by model, pair, method, layer, train steps and seed; the
+            // first three are in every key already.
+            (false, None) => Some(format!("caa:n={},seed={}", s.train_steps, s.seed)),
+        };
+        let config = RunConfig {
+            experiment: s.experiment.clone(),
+            model: info.name.clone(),
+            weights_hash: info.weights_hash.clone(),
+            dtype: info.dtype.clone(),
+            vlm,
+            coeff_mode: coeff_mode_name(s.coeff_mode).into(),
+            vector_source,
+            max_steps: Some(s.max_steps),
+            max_new_tokens: Some(s.max_new_tokens),
+        };
+        RunMeta {
+            experiment: s.experiment.clone(),
+            info: info.clone(),
+            layer: if s.base_only { None } else { layer },
+            coeff_mode: s.coeff_mode,
+            vector_hash: None,
+            prompt_pair: (!s.base_only).then(|| s.prompt_type.clone()),
+            vector_method: (!s.base_only).then(|| s.vector_method.name().to_string()),
+            harness: harness_version(),
+            config_id: config.id(),
+            config,
+        }
+    }
+
     pub fn key(&self, task: &str, seed: u64, condition: &str, coeff: f32) -> String {
         episode_key(
             task,
@@ -283,6 +339,7 @@ impl RunMeta {
             self.layer,
             self.prompt_pair.as_deref(),
             self.vector_method.as_deref(),
+            &self.config_id,
         )
     }
 
@@ -297,17 +354,14 @@ impl RunMeta {
             layer: self.layer,
             hook_point: self.layer.map(|l| HookPoint::ResidPost(l).to_string()),
             coeff: coeff_f64(ep.coeff),
-            coeff_mode: match self.coeff_mode {
-                CoeffMode::Absolute => "absolute".into(),
-                CoeffMode::Relative => "relative".into(),
-            },
+            coeff_mode: coeff_mode_name(self.coeff_mode).into(),
             vector_hash: self.vector_hash.clone(),
             prompt_pair: self.prompt_pair.clone(),
             vector_method: self.vector_method.clone(),
             task: task.to_string(),
             seed,
             condition: ep.condition.to_string(),
-            vlm: false,
+            vlm: self.config.vlm,
             prompt_hash: ep.prompt_hash.clone(),
             output: ep.output.clone(),
             actions: ep.actions.clone(),
@@ -319,9 +373,19 @@ impl RunMeta {
             wall_s: ep.wall_s,
             tokens_in: ep.tokens_in,
             tokens_out: ep.tokens_out,
+            vector_source: self.config.vector_source.clone(),
+            max_steps: self.config.max_steps,
+            max_new_tokens: self.config.max_new_tokens,
             harness_version: self.harness.clone(),
             key: self.key(task, seed, ep.condition, ep.coeff),
         }
+    }
+}
+
+fn coeff_mode_name(m: CoeffMode) -> &'static str {
+    match m {
+        CoeffMode::Absolute => "absolute",
+        CoeffMode::Relative => "relative",
     }
 }
 
@@ -592,7 +656,23 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
     let mut steer_by_ep: BTreeMap<(Group, String), Outcomes> = BTreeMap::new();
     for f in files {
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for l in text.lines().filter_map(|l| serde_json::from_str::<EpisodeLine>(l).ok()) {
+        let mut skipped: Vec<(usize, String)> = Vec::new();
+        let parsed = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).filter_map(|(i, l)| {
+            serde_json::from_str::<EpisodeLine>(l).map_err(|e| skipped.push((i + 1, e.to_string()))).ok()
+        });
+        let parsed: Vec<EpisodeLine> = parsed.collect();
+        if !skipped.is_empty() {
+            // Never silently: a table of fewer lines than the file holds says so, and why.
+            let shown: Vec<String> = skipped.iter().take(5).map(|(n, e)| format!("line {n}: {e}")).collect();
+            tracing::warn!(
+                "{}: {} lines skipped (not episode results): {}{}",
+                f.display(),
+                skipped.len(),
+                shown.join("; "),
+                if skipped.len() > 5 { "; …" } else { "" }
+            );
+        }
+        for l in parsed {
             let g = (
                 l.experiment.clone(),
                 l.model.clone(),
@@ -697,6 +777,58 @@ pub fn print_summary(s: &Summary) {
     println!("{line}");
 }
 
+/// A `--vector` file, read and checked before the model loads and browsers start (a bad file
+/// fails in a second, not after minutes of setup): (vector, path, file hash).
+pub(crate) fn given_vector(s: &Settings) -> Result<Option<(SteeringVector, PathBuf, String)>> {
+    match (&s.vector, s.base_only) {
+        (Some(p), false) => Ok(Some((SteeringVector::load(p)?, p.clone(), SteeringVector::file_hash(p)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Checks a given vector against the loaded model and the layer, with the file named.
+pub(crate) fn check_given_vector(
+    given: &Option<(SteeringVector, PathBuf, String)>,
+    info: &ModelInfo,
+    layer: Option<usize>,
+    allow_foreign: bool,
+) -> Result<()> {
+    if let Some((v, p, _)) = given {
+        let ctx = || format!("--vector {}", p.display());
+        v.check_model(info, allow_foreign).with_context(ctx)?;
+        if let Some(l) = layer {
+            v.layer(l).with_context(ctx)?;
+        }
+    }
+    Ok(())
+}
+
+/// The error a task returns when the results file could not be written: the run stops.
+#[derive(Debug)]
+pub(crate) struct WriteFailed;
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the results file could not be written; the run stopped")
+    }
+}
+
+/// Lines of this configuration in the file with another vector hash than this run's vector:
+/// the vector cache was replaced since they were written.
+pub(crate) fn check_vector_hash(results: &ResultsFile, hash: Option<&str>, path: &Path) -> Result<()> {
+    let Some(h) = hash else { return Ok(()) };
+    if let Some(l) = results.lines.iter().find(|l| l.vector_hash.as_deref().is_some_and(|x| x != h)) {
+        bail!(
+            "{}: its lines of this configuration were made with vector {}, but this run's vector ({}) is {h}; \
+             use another --out (or bring back the vector they used)",
+            results.path().display(),
+            l.vector_hash.as_deref().unwrap_or("-"),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs the plan of `s` and returns its summary.
 pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Result<Summary> {
     let t_run = Instant::now();
@@ -706,28 +838,18 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
             bail!("unknown task `{t}` (not in {}; see `miniwob-steer tasks`)", root.display());
         }
     }
+    let given = given_vector(s)?;
     let model = Arc::new(LoadedModel::load(&s.model, &parse_device(&s.device)?, s.dtype)?);
     let layer = if s.base_only && s.vector.is_none() {
         None
     } else {
         Some(registry::parse_layer(&s.layer, model.info.num_layers)?)
     };
+    check_given_vector(&given, &model.info, layer, s.allow_foreign_vector)?;
     let arms = arms(s);
     let items = plan::shard(&plan::expand(&s.tasks, s.eval_steps, s.seed)?, s.shard);
-    let mut meta = RunMeta {
-        experiment: s.experiment.clone(),
-        info: model.info.clone(),
-        layer,
-        coeff_mode: s.coeff_mode,
-        vector_hash: None,
-        prompt_pair: (!s.base_only).then(|| s.prompt_type.clone()),
-        vector_method: (!s.base_only).then(|| s.vector_method.name().to_string()),
-        harness: harness_version(),
-    };
-    if s.base_only {
-        meta.layer = None;
-    }
-    let results = ResultsFile::open(&s.out)?;
+    let mut meta = RunMeta::new(s, &model.info, layer, false, given.as_ref().map(|g| g.2.as_str()));
+    let results = ResultsFile::open(&s.out, &meta.config, s.keep_other_configs)?;
     let pending = pending(&items, &arms, &results, &meta);
     let planned = items.len() * arms.len();
     tracing::info!(
@@ -737,29 +859,29 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
     let results = Arc::new(Mutex::new(results));
     let counts = Arc::new(Mutex::new(Counts::default()));
     let mut failed = 0usize;
-    let mut new_episodes = 0usize;
     let mut eval_s = 0.0;
     if !pending.is_empty() {
         let rt = runtime()?;
-        let (f, n, vh, e) = rt.block_on(evaluate(
+        let r = rt.block_on(evaluate(
             s,
             vector_cache,
             model.clone(),
             layer,
+            given,
             &meta,
             pending,
             results.clone(),
             counts.clone(),
             progress,
-        ))?;
+        ));
+        rt.shutdown_timeout(Duration::from_secs(5));
+        let (f, vh, e) = r?;
         failed = f;
-        new_episodes = n;
         meta.vector_hash = vh;
         eval_s = e;
-        rt.shutdown_timeout(Duration::from_secs(5));
     }
-    drop(results);
-    summarize(s, &meta, &items, &arms, layer, (failed, new_episodes, eval_s), t_run)
+    let results = results.lock().unwrap_or_else(|p| p.into_inner());
+    summarize(s, &meta, &items, &arms, layer, &results, (failed, eval_s), t_run)
 }
 
 /// The plan's (item, arms) pairs that have no line in `results` yet.
@@ -777,26 +899,27 @@ pub(crate) fn pending(items: &[Item], arms: &[Arm], results: &ResultsFile, meta:
         .collect()
 }
 
-/// The run's summary, counted from the results file: every line of this run's (shard's) plan,
-/// old and new. `outcome` is (failed pairs, new episodes, evaluation seconds).
+/// The run's summary, counted from the results file: every line of this run's (shard's) plan
+/// and configuration, old and new. `outcome` is (failed pairs, evaluation seconds).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn summarize(
     s: &Settings,
     meta: &RunMeta,
     items: &[Item],
     arms: &[Arm],
     layer: Option<usize>,
-    (failed, new_episodes, eval_s): (usize, usize, f64),
+    results: &ResultsFile,
+    (failed, eval_s): (usize, f64),
     t_run: Instant,
 ) -> Result<Summary> {
     let keys: std::collections::HashSet<String> = items
         .iter()
         .flat_map(|it| arms.iter().map(|a| meta.key(&it.task, it.seed, a.condition, a.coeff)).collect::<Vec<_>>())
         .collect();
-    let reread = ResultsFile::open(&s.out)?;
     let mut c = Counts::default();
     let mut episodes = 0;
-    for l in &reread.existing {
-        if keys.contains(&l.key) && l.model == meta.info.name && l.experiment == meta.experiment {
+    for l in &results.lines {
+        if keys.contains(&l.key) {
             episodes += 1;
             c.add(&l.condition, l.coeff as f32, l.success, l.parse_failure);
         }
@@ -825,12 +948,39 @@ pub(crate) fn summarize(
             })
             .collect(),
         episodes,
-        new_episodes,
+        new_episodes: results.appended,
         planned_episodes: items.len() * arms.len(),
         failed_pairs: failed,
         wall_s: t_run.elapsed().as_secs_f64(),
         eval_s,
     })
+}
+
+/// Waits for the episode tasks. A task that could not write its lines ([`WriteFailed`]) stops
+/// the run: the others are abandoned (nothing half-written: every append is whole or rolled
+/// back) and its error is returned. Otherwise returns the number of failed pairs.
+pub(crate) async fn join_episodes(set: &mut tokio::task::JoinSet<Result<()>>) -> Result<usize> {
+    let mut failed = 0;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.downcast_ref::<WriteFailed>().is_some() => {
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+                return Err(e);
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                tracing::error!("{e:#}");
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                failed += 1;
+                tracing::error!("episode task panicked: {e}");
+            }
+        }
+    }
+    Ok(failed)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -839,33 +989,37 @@ async fn evaluate(
     vector_cache: Option<&Path>,
     model: Arc<LoadedModel>,
     layer: Option<usize>,
+    given: Option<(SteeringVector, PathBuf, String)>,
     meta: &RunMeta,
     pending: Vec<(Item, Vec<Arm>)>,
     results: Arc<Mutex<ResultsFile>>,
     counts: Arc<Mutex<Counts>>,
     progress: bool,
-) -> Result<(usize, usize, Option<String>, f64)> {
+) -> Result<(usize, Option<String>, f64)> {
     env::browser::install_signal_cleanup();
     let t0 = Instant::now();
     let pool = Pool::new(s.concurrency, env_config()).await?;
     tracing::info!(sessions = s.concurrency, "browsers up in {:.1}s", t0.elapsed().as_secs_f64());
     let steering = match (s.base_only, layer) {
         (false, Some(l)) => {
-            let (v, path) = match &s.vector {
-                Some(p) => (SteeringVector::load(p)?, p.clone()),
+            let (v, path, hash) = match given {
+                Some(g) => g,
                 None => {
                     let path = vector_cache_path(s, vector_cache, l, &model.info.name);
-                    if path.is_file() {
+                    let v = if path.is_file() {
                         tracing::info!("using the cached vector {}", path.display());
-                        (SteeringVector::load(&path)?, path)
+                        SteeringVector::load(&path)?
                     } else {
-                        (compute_vector(&pool, &model, s, l, &path).await?, path)
-                    }
+                        compute_vector(&pool, &model, s, l, &path).await?
+                    };
+                    v.check_model(&model.info, false).with_context(|| format!("vector {}", path.display()))?;
+                    let hash = SteeringVector::file_hash(&path)?;
+                    (v, path, hash)
                 }
             };
-            v.check_model(&model.info, false)?;
             v.layer(l)?;
-            Some((Steering { vector: v, layer: l, mode: s.coeff_mode }, SteeringVector::file_hash(&path)?))
+            check_vector_hash(&results.lock().unwrap_or_else(|p| p.into_inner()), Some(&hash), &path)?;
+            Some((Steering { vector: v, layer: l, mode: s.coeff_mode }, hash))
         }
         _ => None,
     };
@@ -924,35 +1078,18 @@ async fn evaluate(
                     Err(e) => return Err(e.context(format!("{} seed {}", item.task, item.seed))),
                 }
             };
-            let mut written = 0;
             for ep in &outcomes {
                 let line = meta.line(&item.task, item.seed, ep);
-                if results.lock().unwrap_or_else(|p| p.into_inner()).append(&line)? {
-                    written += 1;
-                }
+                results.lock().unwrap_or_else(|p| p.into_inner()).append(&line).context(WriteFailed)?;
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
                 c.add(ep.condition, ep.coeff, ep.success, ep.parse_failure);
                 pb.set_message(c.message());
                 pb.inc(1);
             }
-            Ok::<usize, anyhow::Error>(written)
+            Ok(())
         });
     }
-    let mut failed = 0;
-    let mut written = 0;
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => {
-                failed += 1;
-                tracing::error!("{e:#}");
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::error!("episode task panicked: {e}");
-            }
-        }
-    }
+    let joined = join_episodes(&mut set).await;
     pb.finish_and_clear();
     let eval_s = t_eval.elapsed().as_secs_f64();
     drop(generator);
@@ -966,7 +1103,7 @@ async fn evaluate(
         t0.elapsed().as_secs_f64()
     );
     pool.shutdown().await;
-    Ok((failed, written, vector_hash, eval_s))
+    Ok((joined?, vector_hash, eval_s))
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! token, and applied to the LLM backbone only.
 use super::plan::{self, Item};
 use super::results::ResultsFile;
-use super::run::{env_config, harness_version, pending, runtime, summarize, Counts, RunMeta, Settings, Summary};
+use super::run::{
+    check_given_vector, check_vector_hash, env_config, given_vector, join_episodes, pending, runtime, summarize,
+    Counts, RunMeta, Settings, Summary, WriteFailed,
+};
 use crate::agent::vlm::{turn_from_png, VlmEngine};
 use crate::agent::{Arm, Steering};
 use crate::env::{self, EnvError, Observation, Pool};
@@ -70,40 +73,43 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
             bail!("unknown task `{t}` (not in {}; see `miniwob-steer tasks`)", root.display());
         }
     }
+    let given = given_vector(s)?;
     let model = Arc::new(Qwen2Vl::load(&s.model, &parse_device(&s.device)?, s.dtype)?);
     let layer = if s.base_only && s.vector.is_none() {
         None
     } else {
         Some(registry::parse_layer(&s.layer, model.info.num_layers)?)
     };
+    check_given_vector(&given, &model.info, layer, s.allow_foreign_vector)?;
     let arms = arms(s);
     let items = plan::shard(&plan::expand(&s.tasks, s.eval_steps, s.seed)?, s.shard);
-    let mut meta = RunMeta {
-        experiment: s.experiment.clone(),
-        info: model.info.clone(),
-        layer: if s.base_only { None } else { layer },
-        coeff_mode: s.coeff_mode,
-        vector_hash: None,
-        prompt_pair: (!s.base_only).then(|| s.prompt_type.clone()),
-        vector_method: (!s.base_only).then(|| s.vector_method.name().to_string()),
-        harness: harness_version(),
-    };
-    let results = ResultsFile::open(&s.out)?;
+    let mut meta = RunMeta::new(s, &model.info, layer, true, given.as_ref().map(|g| g.2.as_str()));
+    let results = ResultsFile::open(&s.out, &meta.config, s.keep_other_configs)?;
     let pending = pending(&items, &arms, &results, &meta);
     let planned = items.len() * arms.len();
     tracing::info!(shard = %s.shard, planned, vlm = true, "plan: {} tasks × {} seeds × {} conditions", s.tasks.len(), s.eval_steps, arms.len());
     let results = Arc::new(Mutex::new(results));
-    let (mut failed, mut new_episodes, mut eval_s) = (0, 0, 0.0);
+    let (mut failed, mut eval_s) = (0, 0.0);
     if !pending.is_empty() {
         let rt = runtime()?;
-        let (f, n, vh, e) =
-            rt.block_on(evaluate(s, vector_cache, model.clone(), layer, &meta, pending, results.clone(), progress))?;
-        (failed, new_episodes, eval_s) = (f, n, e);
-        meta.vector_hash = vh;
+        let r = rt.block_on(evaluate(
+            s,
+            vector_cache,
+            model.clone(),
+            layer,
+            given,
+            &meta,
+            pending,
+            results.clone(),
+            progress,
+        ));
         rt.shutdown_timeout(Duration::from_secs(5));
+        let (f, vh, e) = r?;
+        (failed, eval_s) = (f, e);
+        meta.vector_hash = vh;
     }
-    drop(results);
-    summarize(s, &meta, &items, &arms, layer, (failed, new_episodes, eval_s), t_run)
+    let results = results.lock().unwrap_or_else(|p| p.into_inner());
+    summarize(s, &meta, &items, &arms, layer, &results, (failed, eval_s), t_run)
 }
 
 /// Training observations with their Set-of-Marks screenshots.
@@ -233,29 +239,33 @@ async fn evaluate(
     vector_cache: Option<&Path>,
     model: Arc<Qwen2Vl>,
     layer: Option<usize>,
+    given: Option<(SteeringVector, PathBuf, String)>,
     meta: &RunMeta,
     pending: Vec<(Item, Vec<Arm>)>,
     results: Arc<Mutex<ResultsFile>>,
     progress: bool,
-) -> Result<(usize, usize, Option<String>, f64)> {
+) -> Result<(usize, Option<String>, f64)> {
     env::browser::install_signal_cleanup();
     let pool = Pool::new(s.concurrency, env_config()).await?;
     let steering = match (s.base_only, layer) {
         (false, Some(l)) => {
-            let (v, path) = match &s.vector {
-                Some(p) => (SteeringVector::load(p)?, p.clone()),
+            let (v, path, hash) = match given {
+                Some(g) => g,
                 None => {
                     let path = vector_path(s, vector_cache, l, &model.info.name);
-                    if path.is_file() {
-                        (SteeringVector::load(&path)?, path)
+                    let v = if path.is_file() {
+                        SteeringVector::load(&path)?
                     } else {
-                        (vector_for(&pool, &model, s, l, &path).await?, path)
-                    }
+                        vector_for(&pool, &model, s, l, &path).await?
+                    };
+                    v.check_model(&model.info, false).with_context(|| format!("vector {}", path.display()))?;
+                    let hash = SteeringVector::file_hash(&path)?;
+                    (v, path, hash)
                 }
             };
-            v.check_model(&model.info, false)?;
             v.layer(l)?;
-            Some((Steering { vector: v, layer: l, mode: s.coeff_mode }, SteeringVector::file_hash(&path)?))
+            check_vector_hash(&results.lock().unwrap_or_else(|p| p.into_inner()), Some(&hash), &path)?;
+            Some((Steering { vector: v, layer: l, mode: s.coeff_mode }, hash))
         }
         _ => None,
     };
@@ -290,37 +300,20 @@ async fn evaluate(
                     Err(e) => return Err(e.context(format!("{} seed {}", item.task, item.seed))),
                 }
             };
-            let mut written = 0;
             for ep in &outcomes {
-                let mut line = meta.line(&item.task, item.seed, ep);
-                line.vlm = true;
-                if results.lock().unwrap_or_else(|p| p.into_inner()).append(&line)? {
-                    written += 1;
-                }
+                let line = meta.line(&item.task, item.seed, ep);
+                results.lock().unwrap_or_else(|p| p.into_inner()).append(&line).context(WriteFailed)?;
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
                 c.add(ep.condition, ep.coeff, ep.success, ep.parse_failure);
                 pb.set_message(c.message());
                 pb.inc(1);
             }
-            Ok::<usize, anyhow::Error>(written)
+            Ok(())
         });
     }
-    let (mut failed, mut written) = (0, 0);
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => {
-                failed += 1;
-                tracing::error!("{e:#}");
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::error!("episode task panicked: {e}");
-            }
-        }
-    }
+    let joined = join_episodes(&mut set).await;
     pb.finish_and_clear();
     let eval_s = t_eval.elapsed().as_secs_f64();
     pool.shutdown().await;
-    Ok((failed, written, vector_hash, eval_s))
+    Ok((joined?, vector_hash, eval_s))
 }
