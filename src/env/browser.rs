@@ -119,6 +119,12 @@ pub fn install_signal_cleanup() {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
             unsafe {
+                // A signal the parent set to be ignored (`nohup`, a background job's SIGINT)
+                // stays ignored.
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 sa.sa_flags = libc::SA_RESTART;
@@ -218,11 +224,6 @@ impl Browser {
             }
         });
         install_signal_cleanup();
-        let profile = tempfile::Builder::new()
-            .prefix("miniwob-steer-chromium-")
-            .tempdir()
-            .map_err(|e| EnvError::Setup(format!("creating a temp profile dir: {e}")))?
-            .keep();
         let mut last_err = String::new();
         for _attempt in 0..3 {
             let port = free_port().map_err(|e| EnvError::Setup(format!("finding a free port: {e}")))?;
@@ -233,33 +234,42 @@ impl Browser {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            // Spawned and registered under the lock, and not at all once a signal is being
-            // handled: the cleanup either sees this browser or it is never started.
-            let driver = {
+            // Profile made, driver spawned and both registered under the lock, and none of it
+            // once a signal is being handled: the cleanup sees this browser or it never starts.
+            let (driver, profile) = {
                 let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
                 if STOPPING.load(Ordering::SeqCst) {
-                    let _ = std::fs::remove_dir_all(&profile);
                     return Err(EnvError::Setup("stopping on a signal; no new browser".into()));
                 }
-                let driver = cmd.spawn().map_err(|e| {
-                    EnvError::Setup(format!("starting {}: {e}; run ./scripts/setup.sh", driver_bin.display()))
-                })?;
+                let profile = tempfile::Builder::new()
+                    .prefix("miniwob-steer-chromium-")
+                    .tempdir()
+                    .map_err(|e| EnvError::Setup(format!("creating a temp profile dir: {e}")))?
+                    .keep();
+                let driver = match cmd.spawn() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&profile);
+                        return Err(EnvError::Setup(format!(
+                            "starting {}: {e}; run ./scripts/setup.sh",
+                            driver_bin.display()
+                        )));
+                    }
+                };
                 live.push((driver.id() as i32, profile.clone()));
-                driver
+                (driver, profile)
             };
             let pgid = driver.id() as i32;
-            let mut proc = DriverProc { driver, pgid, profile: profile.clone() };
+            let mut proc = DriverProc { driver, pgid, profile };
             match connect(&mut proc, port, &chromium_bin, cfg).await {
                 Ok(client) => return Ok(Browser { client, proc, started: Instant::now() }),
                 Err(e) => {
                     last_err = e;
-                    // Drop kills the group and removes the profile; recreate the dir for the retry.
+                    // Drop kills the group and removes the profile; the retry makes a new one.
                     drop(proc);
-                    let _ = std::fs::create_dir_all(&profile);
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&profile);
         Err(EnvError::Setup(format!("could not start a browser session: {last_err}")))
     }
 }
