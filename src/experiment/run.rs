@@ -1119,7 +1119,40 @@ mod coeff_tests {
 
 #[cfg(test)]
 mod tests {
-    use super::paired_ci95;
+    use super::{join_episodes, paired_ci95, WriteFailed};
+    use anyhow::Context;
+
+    /// Issue 18.3: a task that could not write its lines stops the run at once (the others are
+    /// abandoned); an episode error is only counted.
+    #[test]
+    fn a_write_failure_stops_the_run() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            set.spawn(async { Err(anyhow::anyhow!("a page error")) });
+            for _ in 0..3 {
+                set.spawn(async {
+                    tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                    Ok(())
+                });
+            }
+            set.spawn(async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                    .context("appending to r.jsonl")
+                    .context(WriteFailed)
+            });
+            let t0 = std::time::Instant::now();
+            let e = join_episodes(&mut set).await.unwrap_err();
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the run went on after the write error");
+            assert!(format!("{e:#}").contains("run stopped") && format!("{e:#}").contains("r.jsonl"), "{e:#}");
+            assert!(set.is_empty());
+            let mut ok = tokio::task::JoinSet::new();
+            ok.spawn(async { Err(anyhow::anyhow!("a page error")) });
+            ok.spawn(async { Ok(()) });
+            assert_eq!(join_episodes(&mut ok).await.unwrap(), 1);
+        });
+    }
 
     #[test]
     fn paired_interval_is_the_normal_approximation_of_the_mean_difference() {
