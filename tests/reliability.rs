@@ -136,13 +136,24 @@ fn profiles_in(dir: &Path) -> Vec<String> {
 
 /// Runs `run` until it has browsers and at least `min_lines` lines, sends `sig`, and checks the
 /// exit status, that no browser process or profile is left, and that every line is whole.
-fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize) {
-    let mut child = run_cmd(out, &["--concurrency", "2"])
-        .env("TMPDIR", tmp)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// With `nohup`, SIGHUP is first sent and must be ignored (the parent's disposition is kept).
+fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize, nohup: bool) {
+    let mut cmd = run_cmd(out, &["--concurrency", "2"]);
+    cmd.env("TMPDIR", tmp).stdout(Stdio::null()).stderr(Stdio::piped());
+    {
+        use std::os::unix::process::CommandExt;
+        // Set either way, so the test does not depend on how it was itself started.
+        let hup = if nohup { libc::SIG_IGN } else { libc::SIG_DFL };
+        // SAFETY: signal(2) between fork and exec is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGHUP, hup);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
     let t0 = Instant::now();
     let mut groups = Vec::new();
     loop {
@@ -156,6 +167,12 @@ fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!profiles_in(tmp).is_empty(), "the browsers' profiles are in TMPDIR");
+    if nohup {
+        // SAFETY: kill(2) on the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(child.try_wait().unwrap().is_none(), "SIGHUP was ignored by the parent, yet the run stopped");
+    }
     // SAFETY: kill(2) on the child this test started.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
     let t1 = Instant::now();
@@ -195,11 +212,12 @@ fn sigterm_and_sighup_leave_no_browser_and_no_torn_line() {
     std::fs::create_dir_all(&tmp).unwrap();
     let out = dir.path().join("r.jsonl");
     // While the vector is being computed (browsers up, no line yet).
-    signal_midway(&out, &tmp, libc::SIGTERM, 0);
+    signal_midway(&out, &tmp, libc::SIGTERM, 0, false);
     // Mid-evaluation, resuming the same file.
-    signal_midway(&out, &tmp, libc::SIGHUP, 1);
+    signal_midway(&out, &tmp, libc::SIGHUP, 1, false);
+    // Under nohup: SIGHUP stays ignored, SIGTERM still cleans up.
     let n = std::fs::read_to_string(&out).unwrap().lines().count();
-    signal_midway(&out, &tmp, libc::SIGTERM, n + 1);
+    signal_midway(&out, &tmp, libc::SIGTERM, n + 1, true);
     let keys: Vec<String> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
