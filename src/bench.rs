@@ -11,7 +11,7 @@ pub struct BenchArgs {
 pub enum BenchWhich {
     /// Prefill/decode tokens/s with and without steering hooks, beside the transformers peer.
     Decode(crate::models::bench::BenchDecodeArgs),
-    /// Quantized matmul GFLOP/s at real layer shapes: candle's QMatMul per GGUF type vs our Q8 kernel.
+    /// Matmul GFLOP/s at real layer shapes: our Q8 and f32 kernels vs candle's QMatMul per GGUF type and its f32 GEMM.
     Matmul(crate::models::bench::BenchMatmulArgs),
     /// Batch invariance: the same rows in many batch compositions; prints how many rows differ
     /// (must be 0) and a fingerprint to compare across thread counts and machines.

@@ -31,7 +31,7 @@ fn prefix_sharing_matches_plain_generation() {
         ..Default::default()
     };
     let plain = generate(&m.decoder, &prompts, &cfg, &spec, &mut Default::default()).unwrap();
-    let shared = generate_shared(&m.decoder, &prompts, &cfg, &spec).unwrap();
+    let shared = generate_shared(&m.decoder, &prompts, &cfg, &spec, None).unwrap();
     for (i, (p, s)) in plain.iter().zip(&shared).enumerate() {
         assert_eq!(p.tokens, s.tokens, "row {i}");
         assert_eq!(p.prompt_tokens, s.prompt_tokens);

@@ -56,8 +56,11 @@ fn check(alias: &str, dtype: WeightDType, chat: bool) {
         bad.join("\n")
     );
     // Every composition compared real rows: one batch 12, two shuffles 24, forked pairs 24,
-    // next to steered 12, α = 0 hook 12, captures 12 × 2 suffixes × 2 reads.
-    assert_eq!(report.rows_compared(), 132);
+    // the same through the prefix cache twice 48, next to steered 12, α = 0 hook 12, captures
+    // 12 × 2 suffixes × 2 reads.
+    assert_eq!(report.rows_compared(), 180);
+    // The second cached pass was served from the cache.
+    assert!(report.prefix_cache.hit_tokens > 0, "{:?}", report.prefix_cache);
 }
 
 #[test]
@@ -91,7 +94,7 @@ fn bench_determinism_fingerprint_does_not_depend_on_the_thread_count() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(out.status.success(), "threads {threads}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("0 of 132 rows differ"), "{stdout}");
+        assert!(stdout.contains("0 of 180 rows differ"), "{stdout}");
         stdout.lines().find(|l| l.starts_with("fingerprint ")).expect("a fingerprint line").to_string()
     };
     assert_eq!(run("1"), run("2"));

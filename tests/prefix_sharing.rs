@@ -48,7 +48,7 @@ fn forked_rows_match_an_unshared_prefill_and_alpha_zero_is_bit_identical() {
     let spec = HookSpec::none().add(HookPoint::ResidPost(10), v, coeffs, Positions::Last);
     let prompts = vec![a.clone(), a.clone(), b.clone(), a.clone()];
     let (plain, _, _) = prefill(&m.decoder, &prompts, pad, &spec).unwrap();
-    let (_, forked) = prefill_forked(&m.decoder, &[&a, &b], &[0, 0, 1, 0], pad, &spec).unwrap();
+    let (_, forked) = prefill_forked(&m.decoder, &[&a, &b], &[0, 0, 1, 0], &spec, None).unwrap();
     let forked = forked.squeeze(1).unwrap();
     for r in 0..prompts.len() {
         let d = rel_diff(&forked.get(r).unwrap(), &plain.get(r).unwrap());
@@ -58,7 +58,7 @@ fn forked_rows_match_an_unshared_prefill_and_alpha_zero_is_bit_identical() {
     assert!(rel_diff(&forked.get(1).unwrap(), &forked.get(0).unwrap()) > 1e-3);
 
     // α = 0 next to steered rows gives exactly the logits of a run without any hook.
-    let (_, none) = prefill_forked(&m.decoder, &[&a, &b], &[0, 0, 1, 0], pad, &HookSpec::none()).unwrap();
+    let (_, none) = prefill_forked(&m.decoder, &[&a, &b], &[0, 0, 1, 0], &HookSpec::none(), None).unwrap();
     let none = none.squeeze(1).unwrap();
     let (x, y): (Vec<f32>, Vec<f32>) =
         (forked.get(0).unwrap().to_vec1().unwrap(), none.get(0).unwrap().to_vec1().unwrap());
@@ -67,7 +67,7 @@ fn forked_rows_match_an_unshared_prefill_and_alpha_zero_is_bit_identical() {
     // Selectors other than `last` would see a different prompt split: refused.
     let v = unit_vector(m.info.hidden_size);
     let all = HookSpec::none().add(HookPoint::ResidPost(10), v, vec![1.0], Positions::All);
-    let e = prefill_forked(&m.decoder, &[&a], &[0], pad, &all).unwrap_err().to_string();
+    let e = prefill_forked(&m.decoder, &[&a], &[0], &all, None).unwrap_err().to_string();
     assert!(e.contains("`last` position selector"), "{e}");
 }
 
@@ -87,7 +87,7 @@ fn caa_pairs_share_their_prefix_and_read_the_same_states() {
         spec = spec.capture(HookPoint::ResidPost(l));
     }
     let prompts = vec![p, n, q];
-    let (logits, states) = last_states_shared(&m.decoder, &prompts, pad, &spec).unwrap();
+    let (logits, states) = last_states_shared(&m.decoder, &prompts, pad, &spec, None).unwrap();
     let (plain_logits, caps, _) = prefill(&m.decoder, &prompts, pad, &spec).unwrap();
     for r in 0..prompts.len() {
         let d = rel_diff(&logits.get(r).unwrap(), &plain_logits.get(r).unwrap());
@@ -103,5 +103,48 @@ fn caa_pairs_share_their_prefix_and_read_the_same_states() {
     }
     let v = unit_vector(m.info.hidden_size);
     let steer = HookSpec::none().add(HookPoint::ResidPost(3), v, vec![1.0; 3], Positions::Last);
-    assert!(last_states_shared(&m.decoder, &prompts, pad, &steer).is_err(), "interventions are refused");
+    assert!(last_states_shared(&m.decoder, &prompts, pad, &steer, None).is_err(), "interventions are refused");
+}
+
+/// The prefix cache: a prefix served from it gives the keys and values of prefilling it, bit for
+/// bit; the byte bound holds, evicting the deepest blocks first so what stays is reachable.
+#[test]
+fn prefix_cache_serves_exact_prefixes_within_its_bound() {
+    use miniwob_steer::models::prefix_cache::{prefill_prefix, PrefixCache, BLOCK};
+    let m = model();
+    let a = chat(&m, TASK);
+    assert!(a.len() > 3 * BLOCK, "{} tokens", a.len());
+    let bits = |s: &miniwob_steer::models::State| -> Vec<Vec<u32>> {
+        s.kv.iter()
+            .flatten()
+            .flat_map(|(k, v)| [k, v])
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect())
+            .collect()
+    };
+    let plain = prefill_prefix(&m.decoder, &a, None).unwrap();
+    let mut cache = PrefixCache::new(64);
+    let first = prefill_prefix(&m.decoder, &a, Some(&mut cache)).unwrap();
+    let second = prefill_prefix(&m.decoder, &a, Some(&mut cache)).unwrap();
+    assert_eq!(bits(&first), bits(&plain));
+    assert_eq!(bits(&second), bits(&plain), "served from the cache");
+    let st = cache.stats();
+    assert_eq!(st.hit_tokens as usize, a.len() / BLOCK * BLOCK, "whole blocks of the second call: {st:?}");
+    assert_eq!(st.computed_tokens as usize, a.len() + a.len() % BLOCK, "{st:?}");
+    // Another prompt with the same first block shares it.
+    let mut b = a[..BLOCK].to_vec();
+    b.extend(chat(&m, "Focus into the text field."));
+    let shared = prefill_prefix(&m.decoder, &b, Some(&mut cache)).unwrap();
+    assert_eq!(bits(&shared), bits(&prefill_prefix(&m.decoder, &b, None).unwrap()));
+    assert_eq!(cache.stats().hit_tokens as usize, st.hit_tokens as usize + BLOCK);
+
+    // One block of smollm2 is 30 layers × 2 × 3 kv heads × 16 × 64 × 4 bytes = 720 KiB: a 1 MiB
+    // cache keeps one, the first.
+    let mut small = PrefixCache::new(1);
+    prefill_prefix(&m.decoder, &a, Some(&mut small)).unwrap();
+    let s = small.stats();
+    assert!(s.bytes <= 1 << 20 && s.blocks == 1, "{s:?}");
+    assert_eq!(s.evicted_blocks as usize, a.len() / BLOCK - 1);
+    let again = prefill_prefix(&m.decoder, &a, Some(&mut small)).unwrap();
+    assert_eq!(small.stats().hit_tokens as usize, BLOCK, "the first block stayed");
+    assert_eq!(bits(&again), bits(&plain));
 }

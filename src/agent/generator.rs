@@ -5,6 +5,7 @@
 use crate::models::generate::{self, GenerateConfig};
 use crate::models::hooks::{HookSpec, Positions};
 use crate::models::load::LoadedModel;
+use crate::models::prefix_cache::{CacheStats, PrefixCache};
 use crate::steering::caa::{steering_spec, CoeffMode};
 use crate::steering::vector::SteeringVector;
 use anyhow::{anyhow, Result};
@@ -50,6 +51,8 @@ pub struct GeneratorConfig {
     pub max_batch_rows: usize,
     /// After the first request arrives, wait this long for more before generating.
     pub linger: Duration,
+    /// Bound of the prefix cache shared by every request (MiB; 0 = off).
+    pub prefix_cache_mb: usize,
 }
 
 /// Counters of the generation thread.
@@ -58,6 +61,7 @@ pub struct GenStats {
     pub batches: u64,
     pub rows: u64,
     pub busy_s: f64,
+    pub cache: CacheStats,
 }
 
 /// The client side: cheap to clone, usable from async tasks.
@@ -103,13 +107,17 @@ fn serve(
         pad_id: model.tokenizer.pad_token_id().unwrap_or(0),
         ..Default::default()
     };
+    let mut cache = PrefixCache::new(cfg.prefix_cache_mb);
     let mut carry: Option<Request> = None;
     loop {
         let first = match carry.take() {
             Some(r) => r,
             None => match rx.recv() {
                 Ok(r) => r,
-                Err(_) => return stats,
+                Err(_) => {
+                    stats.cache = cache.stats();
+                    return stats;
+                }
             },
         };
         let mut batch = vec![first];
@@ -141,7 +149,7 @@ fn serve(
             }
         }
         let t0 = Instant::now();
-        let result = run_batch(model, steering, &gen_cfg, &batch);
+        let result = run_batch(model, steering, &gen_cfg, &batch, &mut cache);
         let secs = t0.elapsed().as_secs_f64();
         stats.batches += 1;
         stats.rows += nrows as u64;
@@ -173,6 +181,7 @@ fn run_batch(
     steering: Option<&Steering>,
     gen_cfg: &GenerateConfig,
     batch: &[Request],
+    cache: &mut PrefixCache,
 ) -> Result<Vec<RowOutput>> {
     let rows: Vec<&Row> = batch.iter().flat_map(|r| r.rows.iter()).collect();
     let prompts: Vec<Vec<u32>> =
@@ -189,7 +198,7 @@ fn run_batch(
             HookSpec::none()
         }
     };
-    let gens = generate::generate_shared(&model.decoder, &prompts, gen_cfg, &spec)?;
+    let gens = generate::generate_shared(&model.decoder, &prompts, gen_cfg, &spec, Some(cache))?;
     gens.into_iter()
         .zip(&prompts)
         .map(|(g, p)| {

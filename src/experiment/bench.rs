@@ -49,6 +49,10 @@ pub struct BenchEpisodesArgs {
     pub python: Option<PathBuf>,
     #[arg(long)]
     pub no_peer: bool,
+    /// Prefix-cache bounds (MiB) to time ours with, one run each (0 = no cache); the first is
+    /// compared with the peer.
+    #[arg(long, value_delimiter = ',', default_values_t = [crate::models::prefix_cache::DEFAULT_MB, 0])]
+    pub prefix_cache_mb: Vec<usize>,
 }
 
 fn settings(
@@ -58,6 +62,7 @@ fn settings(
     eval_steps: usize,
     seed: u64,
     vector: Option<PathBuf>,
+    prefix_cache_mb: usize,
 ) -> Result<Settings> {
     Ok(Settings {
         experiment: "bench".into(),
@@ -76,6 +81,7 @@ fn settings(
         tasks: super::run::parse_tasks(&a.tasks)?,
         vector,
         concurrency: a.concurrency,
+        prefix_cache_mb,
         shard: Shard::ALL,
         max_steps: 1,
         max_new_tokens: a.max_new_tokens,
@@ -90,13 +96,18 @@ pub fn run(a: BenchEpisodesArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let vector = dir.path().join("vector.safetensors");
     // Warm-up (untimed): compute the vector, one seed per task on other seeds.
-    let warm = settings(&a, dir.path(), "warm", 1, 50_000, None)?;
+    let first_mb = *a.prefix_cache_mb.first().context("--prefix-cache-mb: give at least one bound")?;
+    let warm = settings(&a, dir.path(), "warm", 1, 50_000, None, first_mb)?;
     execute(&warm, Some(&vector), false).context("warm-up run")?;
-    let timed = settings(&a, dir.path(), "bench", a.seeds, 0, Some(vector.clone()))?;
-    let ours = execute(&timed, None, false)?;
+    let mut runs = Vec::new();
+    for (i, &mb) in a.prefix_cache_mb.iter().enumerate() {
+        let timed = settings(&a, dir.path(), &format!("bench-{i}"), a.seeds, 0, Some(vector.clone()), mb)?;
+        let ours = execute(&timed, None, false)?;
+        runs.push((mb, timed, ours));
+    }
+    let (_, timed, ours) = &runs[0];
     let pairs = timed.tasks.len() * a.seeds;
     let ours_ppm = pairs as f64 / ours.eval_s * 60.0;
-    let steered = ours.steered.first();
     println!(
         "bench episodes: model {} ({}), {} tasks × {} seeds = {pairs} pairs, α = {}, layer {}, {} new tokens max, threads {}, cores {}",
         a.model,
@@ -109,19 +120,25 @@ pub fn run(a: BenchEpisodesArgs) -> Result<()> {
         a.threads,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    println!("| implementation | sessions | pairs | eval s | paired episodes/min | baseline success | steered success | baseline parse fail | steered parse fail |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    println!(
-        "| miniwob-steer (batched, {} sessions) | {} | {pairs} | {:.1} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |",
-        a.concurrency,
-        a.concurrency,
-        ours.eval_s,
-        ours_ppm,
-        100.0 * ours.baseline_success_rate,
-        100.0 * steered.map_or(0.0, |s| s.success_rate),
-        100.0 * ours.baseline_parse_failure_rate,
-        100.0 * steered.map_or(0.0, |s| s.parse_failure_rate),
-    );
+    println!("| implementation | sessions | pairs | eval s | paired episodes/min | baseline success | steered success | baseline parse fail | steered parse fail | rows/batch | prefix tokens computed / from cache |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (mb, _, r) in &runs {
+        let steered = r.steered.first();
+        println!(
+            "| miniwob-steer (batched, {} sessions, prefix cache {mb} MiB) | {} | {pairs} | {:.1} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% | {:.2} | {} / {} |",
+            a.concurrency,
+            a.concurrency,
+            r.eval_s,
+            pairs as f64 / r.eval_s * 60.0,
+            100.0 * r.baseline_success_rate,
+            100.0 * steered.map_or(0.0, |s| s.success_rate),
+            100.0 * r.baseline_parse_failure_rate,
+            100.0 * steered.map_or(0.0, |s| s.parse_failure_rate),
+            r.rows_per_batch,
+            r.prefix_cache.computed_tokens,
+            r.prefix_cache.hit_tokens,
+        );
+    }
     let python = a.python.clone().or_else(|| {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
         p.is_file().then_some(p)
@@ -131,7 +148,7 @@ pub fn run(a: BenchEpisodesArgs) -> Result<()> {
         (None, false) => {
             println!("(peer not run: no target/py venv; create it with scripts/goldens/venv.sh, plus selenium)")
         }
-        (Some(py), false) => match peer(&a, &py, &timed, &vector, ours.layer.unwrap_or(0)) {
+        (Some(py), false) => match peer(&a, &py, timed, &vector, ours.layer.unwrap_or(0)) {
             Ok(v) => {
                 let ppm = v["pairs_per_min"].as_f64().unwrap_or(0.0);
                 println!(

@@ -3,12 +3,14 @@
 use super::config::{ExperimentFile, LayerSpec};
 use super::plan::{self, Item, Shard};
 use super::results::{episode_key, EpisodeLine, ResultsFile, RunConfig};
+use crate::agent::generator::GenStats;
 use crate::agent::{Agent, Arm, EpisodeOutcome, Generator, GeneratorConfig, PromptBuilder, Steering};
 use crate::env::{self, EnvConfig, EnvError, Observation, Pool};
 use crate::gpu::device::DTypeChoice;
 use crate::models::cli::parse_device;
 use crate::models::hooks::HookPoint;
 use crate::models::load::{LoadedModel, ModelInfo};
+use crate::models::prefix_cache::CacheStats;
 use crate::models::registry;
 use crate::models::weights::WeightDType;
 use crate::steering::caa::{self, CaaOptions, CoeffMode, Method};
@@ -80,6 +82,10 @@ pub struct RunArgs {
     /// Browser sessions (concurrent episodes feeding one model).
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Bound (MiB) of the KV cache of prompt prefixes shared across episodes; 0 turns it off.
+    /// Cached prefixes give bit-identical results (docs/determinism.md).
+    #[arg(long, default_value_t = crate::models::prefix_cache::DEFAULT_MB)]
+    pub prefix_cache_mb: usize,
     /// Run shard i of n of the plan (default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT if set).
     #[arg(long)]
     pub shard: Option<String>,
@@ -140,6 +146,7 @@ pub struct Settings {
     pub tasks: Vec<String>,
     pub vector: Option<PathBuf>,
     pub concurrency: usize,
+    pub prefix_cache_mb: usize,
     pub shard: Shard,
     pub max_steps: usize,
     pub max_new_tokens: usize,
@@ -238,6 +245,7 @@ impl Settings {
             tasks,
             vector: a.vector.clone(),
             concurrency: a.concurrency.or(f.concurrency).unwrap_or(2).max(1),
+            prefix_cache_mb: a.prefix_cache_mb,
             shard: Shard::resolve(a.shard.as_deref())?,
             max_steps: a.max_steps.or(f.max_steps).unwrap_or(1).max(1),
             max_new_tokens: a.max_new_tokens.or(f.max_new_tokens).unwrap_or(40).max(1),
@@ -452,6 +460,10 @@ pub struct Summary {
     pub wall_s: f64,
     /// Seconds of the evaluation phase alone (browsers up and vector ready → last episode).
     pub eval_s: f64,
+    /// Rows per generation batch over this invocation (0 when nothing ran).
+    pub rows_per_batch: f64,
+    /// What the prefix cache served over this invocation's episodes.
+    pub prefix_cache: CacheStats,
 }
 
 /// Live counts for the progress bar and the summary.
@@ -860,6 +872,7 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
     let counts = Arc::new(Mutex::new(Counts::default()));
     let mut failed = 0usize;
     let mut eval_s = 0.0;
+    let mut gen = GenStats::default();
     if !pending.is_empty() {
         let rt = runtime()?;
         let r = rt.block_on(evaluate(
@@ -875,13 +888,17 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
             progress,
         ));
         rt.shutdown_timeout(Duration::from_secs(5));
-        let (f, vh, e) = r?;
+        let (f, vh, e, g) = r?;
         failed = f;
         meta.vector_hash = vh;
         eval_s = e;
+        gen = g;
     }
     let results = results.lock().unwrap_or_else(|p| p.into_inner());
-    summarize(s, &meta, &items, &arms, layer, &results, (failed, eval_s), t_run)
+    let mut summary = summarize(s, &meta, &items, &arms, layer, &results, (failed, eval_s), t_run)?;
+    summary.rows_per_batch = gen.rows as f64 / gen.batches.max(1) as f64;
+    summary.prefix_cache = gen.cache;
+    Ok(summary)
 }
 
 /// The plan's (item, arms) pairs that have no line in `results` yet.
@@ -953,6 +970,8 @@ pub(crate) fn summarize(
         failed_pairs: failed,
         wall_s: t_run.elapsed().as_secs_f64(),
         eval_s,
+        rows_per_batch: 0.0,
+        prefix_cache: CacheStats::default(),
     })
 }
 
@@ -995,7 +1014,7 @@ async fn evaluate(
     results: Arc<Mutex<ResultsFile>>,
     counts: Arc<Mutex<Counts>>,
     progress: bool,
-) -> Result<(usize, Option<String>, f64)> {
+) -> Result<(usize, Option<String>, f64, GenStats)> {
     env::browser::install_signal_cleanup();
     let t0 = Instant::now();
     let pool = Pool::new(s.concurrency, env_config()).await?;
@@ -1033,6 +1052,7 @@ async fn evaluate(
             max_new_tokens: s.max_new_tokens,
             max_batch_rows: (s.concurrency * (1 + s.coeffs.len())).max(2),
             linger: Duration::from_millis(250),
+            prefix_cache_mb: s.prefix_cache_mb,
         },
     );
     let t_eval = Instant::now();
@@ -1097,13 +1117,15 @@ async fn evaluate(
     tracing::info!(
         batches = stats.batches,
         rows = stats.rows,
-        "generation: {:.1} rows/batch, model busy {:.1}s of {:.1}s",
+        "generation: {:.1} rows/batch, model busy {:.1}s of {:.1}s; prefix cache served {} of {} prefix tokens",
         stats.rows as f64 / stats.batches.max(1) as f64,
         stats.busy_s,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        stats.cache.hit_tokens,
+        stats.cache.hit_tokens + stats.cache.computed_tokens
     );
     pool.shutdown().await;
-    Ok((joined?, vector_hash, eval_s))
+    Ok((joined?, vector_hash, eval_s, stats))
 }
 
 #[cfg(test)]

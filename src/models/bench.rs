@@ -263,7 +263,7 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
         for &m in &a.rows {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + 2];
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + 3];
             for _ in 0..a.reps {
                 let t0 = Instant::now();
                 std::hint::black_box(ours.matmul(&xv, m)?);
@@ -276,6 +276,9 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
                 let t0 = Instant::now();
                 std::hint::black_box(x.matmul(&wt)?);
                 times[theirs.len() + 1].push(t0.elapsed().as_secs_f64());
+                let t0 = Instant::now();
+                std::hint::black_box(super::kernels::matmul_t(&xv, m, k, &wv, n));
+                times[theirs.len() + 2].push(t0.elapsed().as_secs_f64());
             }
             let med = |v: &mut Vec<f64>| {
                 v.sort_by(f64::total_cmp);
@@ -296,6 +299,9 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
             let t = med(&mut times[theirs.len() + 1]);
             let (ms, gf, rel) = (t * 1e3, flop / t / 1e9, t / ours_t);
             println!("| {n}x{k} | {m} | candle f32 dense | {ms:.3} | {gf:.1} | {rel:.2}x |");
+            let t = med(&mut times[theirs.len() + 2]);
+            let (ms, gf, rel) = (t * 1e3, flop / t / 1e9, t / ours_t);
+            println!("| {n}x{k} | {m} | ours f32 dense (batch invariant) | {ms:.3} | {gf:.1} | {rel:.2}x |");
         }
     }
     Ok(())
@@ -394,6 +400,10 @@ pub fn run_determinism(a: BenchDeterminismArgs) -> Result<()> {
             println!("differs: {} — prompt {i}: {why}", c.name);
         }
     }
+    println!(
+        "prefix cache: {} prefix tokens served, {} computed",
+        report.prefix_cache.hit_tokens, report.prefix_cache.computed_tokens
+    );
     println!("fingerprint {:016x}", report.fingerprint);
     println!("{} of {} rows differ", report.differing(), report.rows_compared());
     if report.differing() > 0 {

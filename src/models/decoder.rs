@@ -66,6 +66,37 @@ impl State {
             .collect::<Result<Vec<_>>>()?;
         Ok(State { kv, left_pad: rows.iter().map(|&r| self.left_pad[r]).collect(), cols: self.cols })
     }
+
+    /// One batch of the rows of `states` (each batch 1), left-padded to the longest: row `i`
+    /// continues `states[i]`. Padding columns are masked, so each row computes what it would alone.
+    pub fn merge(states: &[State]) -> Result<State> {
+        let cols = states.iter().map(|s| s.cols).max().unwrap_or(0);
+        let layers = states.first().map_or(0, |s| s.kv.len());
+        let mut kv = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let mut ks = Vec::with_capacity(states.len());
+            let mut vs = Vec::with_capacity(states.len());
+            for s in states {
+                if s.batch() != 1 {
+                    bail!("State::merge takes batch-1 states, found a batch of {}", s.batch());
+                }
+                let (k, v) = s.kv[l].as_ref().ok_or_else(|| anyhow::anyhow!("State::merge: layer {l} has no cache"))?;
+                let pad = cols - s.cols;
+                let left = |t: &Tensor| -> Result<Tensor> {
+                    if pad == 0 {
+                        return Ok(t.clone());
+                    }
+                    let (b, h, _, d) = t.dims4()?;
+                    Ok(Tensor::cat(&[&Tensor::zeros((b, h, pad, d), t.dtype(), t.device())?, t], 2)?)
+                };
+                ks.push(left(k)?);
+                vs.push(left(v)?);
+            }
+            kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let left_pad = states.iter().map(|s| cols - s.cols + s.left_pad[0]).collect();
+        Ok(State { kv, left_pad, cols })
+    }
 }
 
 pub struct Decoder {

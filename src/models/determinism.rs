@@ -6,6 +6,7 @@
 use super::decoder::Decoder;
 use super::generate::{self, GenerateConfig, Generation};
 use super::hooks::{Captures, HookPoint, HookSpec, Positions};
+use super::prefix_cache::{CacheStats, PrefixCache};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
@@ -39,6 +40,8 @@ pub struct Report {
     /// A hash of every reference row's tokens and logits: equal across invocations (thread
     /// counts, machines) when the outputs are bit-identical.
     pub fingerprint: u64,
+    /// What the prefix cache of the cached compositions served.
+    pub prefix_cache: CacheStats,
 }
 
 impl Report {
@@ -52,6 +55,14 @@ impl Report {
 
 /// Rows of one batch: a prompt index and its coefficient (0 = baseline).
 type Rows = Vec<(usize, f32)>;
+
+/// Which generation path a composition takes.
+#[derive(Clone, Copy)]
+enum Path {
+    Padded,
+    Forked,
+    Cached,
+}
 
 fn spec_for(cfg: &CheckConfig, coeffs: Vec<f32>) -> HookSpec {
     if coeffs.iter().all(|&c| c == 0.0) {
@@ -86,15 +97,18 @@ pub fn check(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result
     let reference = |i: usize, coeff: f32| if coeff == 0.0 { &base[i] } else { &steered[i] };
 
     let mut out = Vec::new();
-    let mut compare = |name: &str, batches: Vec<Rows>, shared: bool| -> Result<()> {
+    // Prefixes cached by one call and served to the next (shared across compositions, as the
+    // generator shares it across episodes).
+    let mut cache = PrefixCache::new(64);
+    let mut compare = |name: &str, batches: Vec<Rows>, path: Path| -> Result<()> {
         let mut c = Composition { name: name.into(), rows: 0, differing: vec![] };
         for rows in batches {
             let ps: Vec<Vec<u32>> = rows.iter().map(|&(i, _)| prompts[i].clone()).collect();
             let spec = spec_for(cfg, rows.iter().map(|r| r.1).collect());
-            let gens = if shared {
-                generate::generate_shared(model, &ps, &cfg.gen, &spec)?
-            } else {
-                generate::generate(model, &ps, &cfg.gen, &spec, &mut Captures::default())?
+            let gens = match path {
+                Path::Forked => generate::generate_shared(model, &ps, &cfg.gen, &spec, None)?,
+                Path::Cached => generate::generate_shared(model, &ps, &cfg.gen, &spec, Some(&mut cache))?,
+                Path::Padded => generate::generate(model, &ps, &cfg.gen, &spec, &mut Captures::default())?,
             };
             for (&(i, coeff), g) in rows.iter().zip(&gens) {
                 c.rows += 1;
@@ -107,7 +121,7 @@ pub fn check(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result
         Ok(())
     };
     let all: Rows = (0..n).map(|i| (i, 0.0)).collect();
-    compare("one batch (padded to the longest)", vec![all.clone()], false)?;
+    compare("one batch (padded to the longest)", vec![all.clone()], Path::Padded)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<usize> = (0..n).collect();
     let mut shuffled = Vec::new();
@@ -123,16 +137,19 @@ pub fn check(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result
             rest = r;
         }
     }
-    compare("shuffled batches of mixed lengths", shuffled, false)?;
+    compare("shuffled batches of mixed lengths", shuffled, Path::Padded)?;
     // A paired episode's rows: the same prompt baseline and steered, prefix prefilled once.
     let pairs: Vec<Rows> = (0..n)
         .collect::<Vec<_>>()
         .chunks(2)
         .map(|c| c.iter().flat_map(|&i| [(i, 0.0), (i, cfg.coeff)]).collect())
         .collect();
-    compare("forked from a shared prefix, baseline and steered", pairs, true)?;
+    compare("forked from a shared prefix, baseline and steered", pairs.clone(), Path::Forked)?;
+    // Twice: the first pass fills the cache, the second is served from it.
+    compare("through the prefix cache (filling it)", pairs.clone(), Path::Cached)?;
+    compare("through the prefix cache (served from it)", pairs, Path::Cached)?;
     let mixed: Rows = (0..n).map(|i| (i, if i % 2 == 0 { 0.0 } else { cfg.coeff })).collect();
-    compare("next to steered rows (padded batch)", vec![mixed], false)?;
+    compare("next to steered rows (padded batch)", vec![mixed], Path::Padded)?;
     // A hook whose every coefficient is 0 must be a no-op to the bit.
     let mut zero = Composition { name: "α = 0 hook on every row".into(), rows: 0, differing: vec![] };
     let spec = HookSpec::none().add(HookPoint::ResidPost(cfg.layer), cfg.vector.clone(), vec![0.0; n], Positions::Last);
@@ -145,6 +162,7 @@ pub fn check(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result
     }
     out.push(zero);
     out.push(captures(model, prompts, cfg)?);
+    let prefix_cache = cache.stats();
 
     let mut fp = 0xcbf29ce484222325u64;
     for g in base.iter().chain(&steered) {
@@ -153,7 +171,7 @@ pub fn check(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result
         }
         fp = (fp ^ g.logits_hash).wrapping_mul(0x100000001b3);
     }
-    Ok(Report { compositions: out, fingerprint: fp })
+    Ok(Report { compositions: out, fingerprint: fp, prefix_cache })
 }
 
 /// CAA reads: last-position states at the steering layer of each prompt followed by two
@@ -180,7 +198,7 @@ fn captures(model: &Decoder, prompts: &[Vec<u32>], cfg: &CheckConfig) -> Result<
     for (i, p) in prompts.iter().enumerate() {
         let group: Vec<Vec<u32>> = suffixes.iter().map(|s| p.iter().chain(s.iter()).copied().collect()).collect();
         let batch = read(&group)?;
-        let (_, shared) = generate::last_states_shared(model, &group, pad, &spec)?;
+        let (_, shared) = generate::last_states_shared(model, &group, pad, &spec, None)?;
         for (r, row) in group.iter().enumerate() {
             let want = bits(&read(std::slice::from_ref(row))?)?;
             for (how, t) in [("padded batch", &batch), ("shared prefix", &shared[&point])] {

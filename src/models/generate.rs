@@ -1,6 +1,7 @@
 //! Batched KV-cache generation with left padding, greedy or seeded sampling, stop tokens.
 use super::decoder::{Decoder, State};
 use super::hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
+use super::prefix_cache::{prefill_prefix, PrefixCache};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -223,14 +224,17 @@ pub fn prefill(
 /// Generation with prefix sharing (DESIGN.md §3): with the `last` position selector, rows with
 /// the same prompt (the baseline and steered rows of one episode) have identical keys and values
 /// for every prompt position but the last. Each distinct prompt's prefix is prefilled once
-/// without hooks, the KV cache is forked into the rows, then the last prompt token of every row
-/// runs with the per-row steering and decoding continues as usual. Specs whose interventions
-/// select other positions than `last` fall back to [`generate`].
+/// without hooks (its longest cached part taken from `cache`, which keeps prefixes across calls:
+/// every episode prompt starts with the same header and instructions), the KV cache is forked
+/// into the rows, then the last prompt token of every row runs with the per-row steering and
+/// decoding continues as usual. Specs whose interventions select other positions than `last`
+/// fall back to [`generate`]. Every path gives the same bits (docs/determinism.md).
 pub fn generate_shared(
     model: &Decoder,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     spec: &HookSpec,
+    cache: Option<&mut PrefixCache>,
 ) -> Result<Vec<Generation>> {
     let mut unique: Vec<&Vec<u32>> = Vec::new();
     let mut row_of: Vec<usize> = Vec::with_capacity(prompts.len());
@@ -244,52 +248,51 @@ pub fn generate_shared(
         }
     }
     let only_last = spec.interventions.iter().all(|iv| iv.positions == Positions::Last) && spec.captures.is_empty();
-    if unique.len() == prompts.len() || prompts.iter().any(|p| p.len() < 2) || !only_last {
+    let cached = cache.as_ref().is_some_and(|c| c.enabled());
+    if (unique.len() == prompts.len() && !cached) || prompts.iter().any(|p| p.len() < 2) || !only_last {
         return generate(model, prompts, cfg, spec, &mut Default::default());
     }
     crate::gpu::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
-    let (mut state, logits) = prefill_forked(model, &unique, &row_of, cfg.pad_id, spec)?;
+    let (mut state, logits) = prefill_forked(model, &unique, &row_of, spec, cache)?;
     let lens = prompts.iter().map(|p| p.len()).collect();
     continue_generation(model, &mut state, logits, lens, cfg, spec, &mut Captures::default())
 }
 
 /// The prefill half of [`generate_shared`]: prefills every distinct prompt without its last
-/// token, forks the cache so that row `r` continues `unique[row_of[r]]`, then runs each row's
-/// last token with `spec` (whose interventions must select `last`). Returns the forked state
-/// and the last-position logits `[rows, 1, vocab]`.
+/// token (through `cache` when given), forks the cache so that row `r` continues
+/// `unique[row_of[r]]`, then runs each row's last token with `spec` (whose interventions must
+/// select `last`). Returns the forked state and the last-position logits `[rows, 1, vocab]`.
 pub fn prefill_forked(
     model: &Decoder,
     unique: &[&Vec<u32>],
     row_of: &[usize],
-    pad_id: u32,
     spec: &HookSpec,
+    mut cache: Option<&mut PrefixCache>,
 ) -> Result<(State, Tensor)> {
     if let Some(iv) = spec.interventions.iter().find(|iv| iv.positions != Positions::Last) {
         bail!("prefix sharing needs the `last` position selector, found {:?} at `{}`", iv.positions, iv.point);
     }
+    let mut prefixes = Vec::with_capacity(unique.len());
     for p in unique {
         model.check_ids(p)?;
         if p.len() < 2 {
             bail!("prefix sharing needs prompts of at least 2 tokens, found {}", p.len());
         }
+        prefixes.push(prefill_prefix(model, &p[..p.len() - 1], cache.as_deref_mut())?);
     }
-    let prefixes: Vec<Vec<u32>> = unique.iter().map(|p| p[..p.len() - 1].to_vec()).collect();
-    let (ids, pads) = left_pad(&prefixes, pad_id, model.device())?;
-    let mut shared = model.new_state(pads.clone());
-    let mut caps = Captures::default();
-    model.forward(&ids, &mut shared, &StepInfo::prefill(pads), &HookSpec::none(), &mut caps, false)?;
-    let mut state = shared.select_rows(row_of)?;
+    let mut state = State::merge(&prefixes)?.select_rows(row_of)?;
     let last: Vec<u32> = row_of.iter().map(|&u| unique[u][unique[u].len() - 1]).collect();
     let last = Tensor::from_vec(last, (row_of.len(), 1), model.device())?;
     // One new column per row: with `last`, exactly the position the steering applies to.
-    let logits = model.forward(&last, &mut state, &StepInfo::decode(row_of.len()), spec, &mut caps, false)?;
+    let logits =
+        model.forward(&last, &mut state, &StepInfo::decode(row_of.len()), spec, &mut Captures::default(), false)?;
     Ok((state, logits))
 }
 
 /// Last-position logits (`[n, vocab]`) and captured states (`[n, hidden]` per captured point)
 /// of prompts that share a prefix, such as the positive and negative prompts of one CAA pair
 /// (the same task prompt, then different instructions). The longest common prefix is
-/// prefilled once, forked, and each distinct suffix length runs as one batch on the fork, so
+/// prefilled once (through `cache` when given), forked, and each distinct suffix length runs as one batch on the fork, so
 /// no row needs padding. `spec` may only capture: interventions would need position handling
 /// across the fork that no caller needs.
 pub fn last_states_shared(
@@ -297,6 +300,7 @@ pub fn last_states_shared(
     prompts: &[Vec<u32>],
     pad_id: u32,
     spec: &HookSpec,
+    cache: Option<&mut PrefixCache>,
 ) -> Result<(Tensor, BTreeMap<HookPoint, Tensor>)> {
     if !spec.interventions.is_empty() {
         bail!("last_states_shared takes captures only, found {} interventions", spec.interventions.len());
@@ -322,16 +326,7 @@ pub fn last_states_shared(
         return Ok((logits, states));
     }
     crate::gpu::memory::guard(model, &prompts[..1], 0, spec)?;
-    let prefix = Tensor::from_vec(prompts[0][..lcp].to_vec(), (1, lcp), model.device())?;
-    let mut shared = model.new_state(vec![0]);
-    model.forward(
-        &prefix,
-        &mut shared,
-        &StepInfo::prefill(vec![0]),
-        &HookSpec::none(),
-        &mut Captures::default(),
-        false,
-    )?;
+    let shared = prefill_prefix(model, &prompts[0][..lcp], cache)?;
     let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     lengths.sort_unstable();
     lengths.dedup();

@@ -5,6 +5,7 @@ use super::vector::{now, unit, SteeringVector, VectorMeta};
 use crate::models::generate::{self, GenerateConfig};
 use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::load::LoadedModel;
+use crate::models::prefix_cache::{self, PrefixCache};
 use crate::models::tokenizer::ChatMessage;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -83,8 +84,10 @@ fn last_states(
     }
     let pad = model.tokenizer.pad_token_id().unwrap_or(0);
     let mut out: BTreeMap<usize, Vec<Tensor>> = layers.iter().map(|&l| (l, Vec::new())).collect();
+    // Every training prompt starts with the same header and instructions.
+    let mut cache = PrefixCache::new(prefix_cache::DEFAULT_MB);
     for chunk in prompts.chunks(2) {
-        let (_, states) = generate::last_states_shared(&model.decoder, chunk, pad, &spec)?;
+        let (_, states) = generate::last_states_shared(&model.decoder, chunk, pad, &spec, Some(&mut cache))?;
         for &l in layers {
             let last = states[&HookPoint::ResidPost(l)].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
             for r in 0..chunk.len() {
