@@ -41,7 +41,9 @@ done
 TARGET="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET/release/miniwob-steer"
 if [ -z "${MINIWOB_STEER_BIN:-}" ]; then
-  cargo build --release -q -p miniwob-steer
+  # cargo's own lines stream, so a first build is not ten silent minutes.
+  echo "== building miniwob-steer (release: about 10 minutes on 2 cores from clean, seconds once built)" >&2
+  cargo build --release -p miniwob-steer
 else
   BIN="$MINIWOB_STEER_BIN"
 fi
@@ -149,10 +151,12 @@ if [ "$QUICK" = 1 ] || [ ${#DONE[@]} -gt 0 ]; then
     if [ -n "$ANALYZE" ]; then
       echo "== paired table (analyze)"
       "$ANALYZE" "$RESULTS/$NAME" --out "$RESULTS/$NAME/analysis" --no-plots || STATUS=1
+      echo "== tables written to $RESULTS/$NAME/analysis/"
     else
       echo "== paired table (the analyze binary is not built: cargo build --release -p miniwob-steer-analysis; summaries from miniwob-steer run)"
       "$BIN" run --print-table "${DONE[@]}"
     fi
+    echo "== results: ${DONE[*]}"
   fi
 fi
 exit $STATUS
