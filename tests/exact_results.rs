@@ -95,8 +95,15 @@ fn the_quick_job_twice_gives_identical_paired_tables() {
         let stdout = String::from_utf8_lossy(&o.stdout).to_string();
         assert!(o.status.success(), "run_exp12.sh --quick failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
         let table = stdout.split_once("== paired table").map(|(_, t)| t.to_string()).expect("a paired table");
-        let file = results.join("quick/qwen-coder-0.5b/L12.jsonl");
-        (table.replace(results.to_str().unwrap(), "RESULTS"), outcomes(&[&file]))
+        // The one results file of the run (named after the layer as the sweep writes it).
+        let dir = results.join("quick/qwen-coder-0.5b");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        assert_eq!(files.len(), 1, "one results file in {}: {files:?}", dir.display());
+        (table.replace(results.to_str().unwrap(), "RESULTS"), outcomes(&[&files[0]]))
     };
     let (t1, l1) = quick("a");
     let (t2, l2) = quick("b");
