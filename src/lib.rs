@@ -5,6 +5,7 @@ pub mod bench;
 pub mod env;
 pub mod experiment;
 pub mod gpu;
+pub mod interp;
 pub mod models;
 pub mod steering;
 pub mod util;

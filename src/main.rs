@@ -16,8 +16,10 @@ enum Command {
     Models(models::cli::ModelsArgs),
     /// Generate text, optionally steered (one row per coefficient, in one batch).
     Generate(models::cli::GenerateArgs),
-    /// Save per-layer residual activations, the final norm output and last-position logits.
-    Extract(models::cli::ExtractArgs),
+    /// Per-layer hidden states at image or text positions (images, MiniWoB screenshots, text), with statistics.
+    Extract(miniwob_steer::interp::cli::ExtractArgs),
+    /// Lenses on extracted states: contextual index, embedding/logit/contextual top-k, grounded score.
+    Lens(miniwob_steer::interp::cli::LensArgs),
     /// Compute, inspect, combine, import or export steering vectors.
     Vector(steering::cli::VectorArgs),
     /// Speed benchmarks.
@@ -43,7 +45,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Models(a) => models::cli::run_models(a),
         Command::Generate(a) => models::cli::run_generate(a),
-        Command::Extract(a) => models::cli::run_extract(a),
+        Command::Extract(a) => miniwob_steer::interp::cli::run_extract(a),
+        Command::Lens(a) => miniwob_steer::interp::cli::run_lens(a),
         Command::Vector(a) => steering::cli::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Tasks(a) => miniwob_steer::env::cli::run_tasks(a),

@@ -124,11 +124,21 @@ pub fn marked(elements: &[Element], area_w: f64, area_h: f64) -> Vec<&Element> {
         .collect()
 }
 
+/// How much [`render`] enlarges a screenshot taken at `scale` device pixels per CSS pixel; the
+/// Set-of-Marks image has `scale · enlargement(scale)` pixels per CSS pixel.
+pub fn enlargement(scale: f32) -> u32 {
+    if scale < 2.0 {
+        (2.0 / scale).ceil() as u32
+    } else {
+        1
+    }
+}
+
 /// Draws the marks on `img`, whose pixels are `scale` device pixels per CSS pixel. Returns the
 /// image, enlarged to at least 2× when `scale` < 2.
 pub fn render(img: RgbaImage, elements: &[Element], scale: f32) -> Result<RgbaImage, String> {
     let font = font()?;
-    let k = if scale < 2.0 { (2.0 / scale).ceil() as u32 } else { 1 };
+    let k = enlargement(scale);
     let mut img = if k > 1 {
         image::imageops::resize(&img, img.width() * k, img.height() * k, image::imageops::FilterType::Nearest)
     } else {

@@ -486,6 +486,21 @@ impl Decoder {
         softcap(&logits, cfg.final_logit_softcap)
     }
 
+    /// The input embedding matrix `[vocab, hidden]` (before Gemma's scale), for the embedding lens.
+    pub fn embedding_matrix(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Final norm, LM head and soft-cap on residual states `[.., hidden]`: the logit lens. On
+    /// `blocks.{L-1}.hook_resid_post` this is the model's own logits; `normed` skips the norm
+    /// for states that already went through it (`hook_final_norm`).
+    pub fn unembed(&self, xs: &Tensor, normed: bool) -> Result<Tensor> {
+        let xs = xs.to_dtype(self.dtype)?;
+        let xs = if normed { xs } else { rms_norm(&xs, &self.final_norm, self.cfg.rms_norm_eps)? };
+        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
+        softcap(&logits, self.cfg.final_logit_softcap)
+    }
+
     /// Embedding table row count check for token ids (clear error instead of an index panic).
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
