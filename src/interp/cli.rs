@@ -295,6 +295,53 @@ pub enum LensCmd {
     Query(QueryArgs),
     /// The grounded rate per lens × layer on MiniWoB extractions (table + PNG plot).
     Grounded(GroundedArgs),
+    /// Write a corpus for `lens index`: WordNet glosses and examples, or MiniWoB texts.
+    Corpus(CorpusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CorpusArgs {
+    /// wordnet or miniwob.
+    #[arg(long)]
+    pub kind: String,
+    /// miniwob: `all` or a comma-separated task list.
+    #[arg(long, default_value = "all")]
+    pub tasks: String,
+    /// miniwob: seeds per task (`A..B`, `A..=B` or a list).
+    #[arg(long, default_value = "0..20")]
+    pub seeds: String,
+    /// wordnet: the database directory.
+    #[arg(long, default_value = super::corpus::WORDNET_DIR)]
+    pub wordnet_dir: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_corpus(a: CorpusArgs) -> Result<()> {
+    let lines = match a.kind.as_str() {
+        "wordnet" => super::corpus::wordnet_corpus(&a.wordnet_dir)?,
+        "miniwob" => {
+            let root = crate::env::html_root()?;
+            let tasks: Vec<String> = if a.tasks == "all" {
+                crate::env::list_tasks(&root)?.into_iter().map(|t| t.name).collect()
+            } else {
+                a.tasks.split(',').map(|t| t.trim().to_string()).collect()
+            };
+            let seeds = parse_seeds(&a.seeds)?;
+            let pb = super::progress((tasks.len() * seeds.len()) as u64, "miniwob corpus");
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let v = rt.block_on(async {
+                crate::env::browser::install_ctrlc_cleanup();
+                super::corpus::miniwob_corpus(&tasks, &seeds, &pb).await
+            })?;
+            pb.finish_and_clear();
+            v
+        }
+        o => bail!("--kind {o}: expected wordnet or miniwob"),
+    };
+    std::fs::write(&a.out, lines.join("\n") + "\n").with_context(|| format!("writing {}", a.out.display()))?;
+    tracing::info!("{}: {} sentences ({})", a.out.display(), lines.len(), a.kind);
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -585,6 +632,7 @@ pub fn run_lens(a: LensArgs) -> Result<()> {
         LensCmd::Index(a) => run_index(a),
         LensCmd::Query(a) => run_query(a),
         LensCmd::Grounded(a) => run_grounded(a),
+        LensCmd::Corpus(a) => run_corpus(a),
     }
 }
 

@@ -8,6 +8,7 @@
 //! `hs:L` = `hook_final_norm`, because transformers applies the final norm to its last entry.
 //! Every output names the TransformerLens hook point.
 pub mod cli;
+pub mod corpus;
 pub mod extract;
 pub mod grounded;
 pub mod index;
