@@ -280,3 +280,78 @@ fn text_prompts_on_a_text_model() {
     run(&["extract", "--model", s(&m), "--device", "cpu", "--prompt", "Hello there", "--layers", "0", "--out", s(&f)]);
     assert!(f.exists());
 }
+
+#[test]
+fn run_vlm_with_lens_logs_a_readout_per_step() {
+    let vl = common::fixture("tiny-qwen2-vl");
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "Click on the button below.\nSubmit the form and press the button.\n").unwrap();
+    let idx = dir.path().join("idx");
+    run(&[
+        "lens",
+        "index",
+        "--model",
+        s(&vl),
+        "--device",
+        "cpu",
+        "--corpus",
+        s(&corpus),
+        "--layers",
+        "0,1",
+        "--out",
+        s(&idx),
+    ]);
+    let out = dir.path().join("run.jsonl");
+    let base = [
+        "run",
+        "--vlm",
+        "--model",
+        s(&vl),
+        "--device",
+        "cpu",
+        "--tasks",
+        "click-button",
+        "--eval-steps",
+        "1",
+        "--train-steps",
+        "2",
+        "--coeff",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--concurrency",
+        "1",
+        "--no-progress",
+        "--max-steps",
+        "2",
+    ];
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--lens", s(&idx), "--lens-layer", "1", "--out", s(&out)]);
+    run(&args);
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "baseline and steered");
+    for l in &lines {
+        let r = l["lens"].as_array().unwrap_or_else(|| panic!("no lens field: {l}"));
+        assert_eq!(r.len() as u64, l["steps"].as_u64().unwrap(), "one read-out per step");
+        for (i, x) in r.iter().enumerate() {
+            assert_eq!(x["step"], i + 1);
+            // The random tiny model does not produce actions: no element, so no neighbours.
+            if x["ref"].is_null() {
+                assert!(x.get("top").is_none());
+            }
+        }
+    }
+    // Without --lens the field is absent; a text model refuses --lens.
+    let out2 = dir.path().join("run2.jsonl");
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--out", s(&out2)]);
+    run(&args);
+    assert!(!std::fs::read_to_string(&out2).unwrap().contains("\"lens\""));
+    let err =
+        fails(&["run", "--model", "smollm2-135m", "--tasks", "click-button", "--lens", s(&idx), "--out", s(&out2)]);
+    assert!(err.contains("--vlm"), "{err}");
+    let err = fails(&[&args[..args.len() - 2], &["--lens", s(&idx), "--lens-layer", "7", "--out", s(&out2)]].concat());
+    assert!(err.contains("--lens-layer 7"), "{err}");
+}

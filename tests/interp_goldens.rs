@@ -313,3 +313,43 @@ fn qwen_coder_logit_lens_predicts_greedy_next_tokens() {
     }
     assert!(positions > 50);
 }
+
+/// The in-loop read-out (`run --vlm --lens`): the tokens under a box, their contextual hits
+/// pooled, one per token string, best first, equal to the same pooling of numpy's top-k.
+#[test]
+fn readout_pools_the_tokens_under_a_box() {
+    let (g, meta) = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ix = golden_index(dir.path(), &meta);
+    let hook = "blocks.1.hook_resid_post";
+    let q = query_vectors(&g, "wide", hook, 3);
+    // wide.png is 112×56: 2×4 cells of 28 px; this box covers cells 1 and 2 of the first row.
+    let (_, boxes) = vision_cells([1, 4, 8], 2, 14, 112, 56);
+    let (n, top) = index::readout(&mut ix, &q, &boxes, [30.0, 2.0, 80.0, 20.0], 3).unwrap();
+    assert_eq!(n, 2);
+    let keys = meta["slot_keys"].as_array().unwrap();
+    let mut pooled: Vec<(f64, u64, u64)> = Vec::new();
+    for t in [1, 2] {
+        for h in meta["lens"]["wide"][hook]["contextual"][t].as_array().unwrap() {
+            pooled.push((h[2].as_f64().unwrap(), h[0].as_u64().unwrap(), h[1].as_u64().unwrap()));
+        }
+    }
+    pooled.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut want: Vec<(String, f64)> = Vec::new();
+    for (s, _, slot) in pooled {
+        let k = keys[slot as usize].as_str().unwrap().to_string();
+        if !want.iter().any(|w| w.0 == k) {
+            want.push((k, s));
+        }
+    }
+    want.truncate(3);
+    assert_eq!(
+        top.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
+        want.iter().map(|w| w.0.clone()).collect::<Vec<_>>()
+    );
+    for (a, b) in top.iter().zip(&want) {
+        assert!((a.1 as f64 - b.1).abs() < 1e-5);
+    }
+    // A box between cells overlaps nothing.
+    assert_eq!(index::readout(&mut ix, &q, &boxes, [200.0, 0.0, 210.0, 5.0], 3).unwrap(), (0, vec![]));
+}

@@ -39,6 +39,8 @@ pub struct EpisodeOutcome {
     pub wall_s: f64,
     pub tokens_in: usize,
     pub tokens_out: usize,
+    /// `run --vlm --lens`: one read-out per step (empty otherwise).
+    pub lens: Vec<serde_json::Value>,
 }
 
 /// Everything an episode needs besides the session.
@@ -88,6 +90,7 @@ impl Agent<'_> {
                 wall_s: 0.0,
                 tokens_in: 0,
                 tokens_out: 0,
+                lens: Vec::new(),
             };
             let mut gen = gen;
             loop {

@@ -12,7 +12,7 @@ use super::generator::Steering;
 use super::parse::parse_output;
 use crate::env::{Action, Observation, Session};
 use crate::models::generate::GenerateConfig;
-use crate::models::hooks::{HookSpec, Positions};
+use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::qwen2_vl::{Qwen2Vl, VlmInput};
 use crate::steering::caa::steering_spec;
 use anyhow::{anyhow, Context, Result};
@@ -64,6 +64,8 @@ pub fn vlm_user_text(obs: &Observation, history: &[String], suffix: Option<&str>
 pub struct VlmTurn {
     pub input: VlmInput,
     pub hash: String,
+    /// Size of the screenshot the model saw (width, height), for the vision tokens' boxes.
+    pub size: (usize, usize),
 }
 
 /// Builds the model input of an observation (screenshot taken now).
@@ -86,12 +88,14 @@ pub fn turn_from_png(
     suffix: Option<&str>,
 ) -> Result<VlmTurn> {
     let img = image::load_from_memory(png).context("decoding the Set-of-Marks screenshot")?.to_rgb8();
+    let (img_w, img_h) = (img.width() as usize, img.height() as usize);
     let text = vlm_user_text(obs, history, suffix);
     let input = model.user_prompt(&[img], &text)?;
     let mut h = Sha256::new();
     h.update(text.as_bytes());
     h.update(png);
-    Ok(VlmTurn { input, hash: hex::encode(&h.finalize()[..8]) })
+    let size = (img_w, img_h);
+    Ok(VlmTurn { input, hash: hex::encode(&h.finalize()[..8]), size })
 }
 
 /// What one generated row produced.
@@ -101,6 +105,49 @@ pub struct VlmOutput {
     pub tokens_in: usize,
     pub image_tokens: usize,
     pub tokens_out: usize,
+    /// With a lens probe: the states at the image positions, `[image tokens, hidden]` (the same
+    /// for every row: they precede the `last` position where steering acts).
+    pub image_states: Option<candle_core::Tensor>,
+}
+
+/// The in-loop lens read-out of `run --vlm --lens IDX --lens-layer L`: per step, the top-k
+/// contextual neighbours of the vision tokens under the element the agent acted on.
+pub struct LensProbe {
+    pub index: Mutex<crate::interp::index::Index>,
+    pub layer: usize,
+    pub k: usize,
+}
+
+impl LensProbe {
+    /// The step's read-out: `{step, ref, tokens, top: [[token, cosine, hook point], …]}` (ref
+    /// null and no `top` when no action named an element).
+    pub fn readout(
+        &self,
+        step: usize,
+        states: Option<&candle_core::Tensor>,
+        turn: (&VlmInput, (usize, usize)),
+        obs: &Observation,
+        actions: &[Action],
+        px_per_css: f32,
+    ) -> Result<serde_json::Value> {
+        let target = actions.iter().find_map(|a| match a {
+            Action::ClickRef(r) | Action::TypeRef { r#ref: r, .. } | Action::SelectRef { r#ref: r, .. } => Some(*r),
+            _ => None,
+        });
+        let (Some(r), Some(states)) = (target, states) else {
+            return Ok(serde_json::json!({"step": step, "ref": target}));
+        };
+        let Some(e) = obs.element(r) else {
+            return Ok(serde_json::json!({"step": step, "ref": r, "tokens": 0}));
+        };
+        let (input, (w, h)) = turn;
+        let img = input.images.first().context("the turn has no image")?;
+        let (_, boxes) = crate::interp::extract::vision_cells(img.grid_thw, 2, 14, w, h);
+        let b = [e.left, e.top, e.left + e.width, e.top + e.height].map(|v| v as f32 * px_per_css);
+        let mut ix = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let top = crate::interp::index::readout(&mut ix, states, &boxes, b, self.k)?;
+        Ok(serde_json::json!({"step": step, "ref": r, "tokens": top.0, "top": top.1}))
+    }
 }
 
 /// The model, its steering and generation settings, shared by the episode tasks.
@@ -109,12 +156,13 @@ pub struct VlmEngine {
     pub model: Arc<Qwen2Vl>,
     pub steering: Option<Steering>,
     pub max_new_tokens: usize,
+    pub lens: Option<Arc<LensProbe>>,
     lock: Arc<Mutex<()>>,
 }
 
 impl VlmEngine {
     pub fn new(model: Arc<Qwen2Vl>, steering: Option<Steering>, max_new_tokens: usize) -> Self {
-        Self { model, steering, max_new_tokens, lock: Arc::new(Mutex::new(())) }
+        Self { model, steering, max_new_tokens, lens: None, lock: Arc::new(Mutex::new(())) }
     }
 
     /// The hook spec of a batch: the steering vector added at `last` positions of the LLM
@@ -148,8 +196,20 @@ impl VlmEngine {
             let rows = vec![input.clone(); coeffs.len()];
             let t0 = Instant::now();
             // Rows differ only from the last prompt token on: one prefill, forked.
-            let gens = me.model.generate_forked(&input, rows.len(), &cfg, &spec)?;
-            let image_tokens = input.ids.iter().filter(|&&t| t == me.model.cfg.image_token_id).count();
+            let points: Vec<HookPoint> = me.lens.iter().map(|l| HookPoint::ResidPost(l.layer)).collect();
+            let (gens, caps) = me.model.generate_forked_captured(&input, rows.len(), &cfg, &spec, &points)?;
+            let image_id = me.model.cfg.image_token_id;
+            let image_tokens = input.ids.iter().filter(|&&t| t == image_id).count();
+            let image_states = match points.first() {
+                Some(&p) => {
+                    let cols: Vec<u32> =
+                        (0..input.ids.len() - 1).filter(|&c| input.ids[c] == image_id).map(|c| c as u32).collect();
+                    let idx = candle_core::Tensor::from_vec(cols.clone(), cols.len(), &candle_core::Device::Cpu)?;
+                    let t = caps.get(p)?.squeeze(0)?.to_device(&candle_core::Device::Cpu)?;
+                    Some(t.index_select(&idx, 0)?.to_dtype(candle_core::DType::F32)?)
+                }
+                None => None,
+            };
             tracing::debug!(
                 rows = rows.len(),
                 tokens_in = input.ids.len(),
@@ -164,6 +224,7 @@ impl VlmEngine {
                         tokens_in: input.ids.len(),
                         image_tokens,
                         tokens_out: g.tokens.len() + usize::from(g.stop.is_some()),
+                        image_states: image_states.clone(),
                     })
                 })
                 .collect()
@@ -205,8 +266,14 @@ impl VlmEngine {
                 wall_s: 0.0,
                 tokens_in: 0,
                 tokens_out: 0,
+                lens: Vec::new(),
             };
             let mut gen = gen;
+            let px = {
+                let sc = sess.device_scale() as f32;
+                sc * crate::env::som::enlargement(sc) as f32
+            };
+            let (mut view_obs, mut view_input, mut view_size) = (obs0.clone(), turn0.input.clone(), turn0.size);
             loop {
                 ep.steps += 1;
                 ep.tokens_in += gen.tokens_in;
@@ -217,6 +284,17 @@ impl VlmEngine {
                 ep.output.push_str(&gen.text);
                 let parsed = parse_output(&gen.text);
                 let mut done = false;
+                if let Some(probe) = &self.lens {
+                    let r = probe.readout(
+                        ep.steps,
+                        gen.image_states.as_ref(),
+                        (&view_input, view_size),
+                        &view_obs,
+                        &parsed.actions,
+                        px,
+                    )?;
+                    ep.lens.push(r);
+                }
                 if let Some(why) = parsed.failure {
                     ep.parse_failure = true;
                     ep.parse_error.get_or_insert(why);
@@ -238,6 +316,7 @@ impl VlmEngine {
                 let obs = sess.observe().await?;
                 let turn = observe_turn(&self.model, sess, &obs, &ep.actions, None).await?;
                 gen = self.generate(&turn.input, vec![arm.coeff]).await?.remove(0);
+                (view_obs, view_input, view_size) = (obs, turn.input, turn.size);
             }
             ep.success = ep.raw_reward > 0.0;
             ep.wall_s = shared_s + t0.elapsed().as_secs_f64();

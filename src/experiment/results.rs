@@ -50,6 +50,10 @@ pub struct EpisodeLine {
     pub max_new_tokens: Option<usize>,
     pub harness_version: String,
     pub key: String,
+    /// `run --vlm --lens`: per step, the top contextual neighbours of the vision tokens under the
+    /// element acted on (docs/lens.md); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lens: Option<Vec<serde_json::Value>>,
 }
 
 /// A coefficient as JSON writes it (`3.0`, `0.0`, `-1.5`).
@@ -409,6 +413,7 @@ mod tests {
             max_new_tokens: c.max_new_tokens,
             harness_version: "x".into(),
             key,
+            lens: None,
         }
     }
 

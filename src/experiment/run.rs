@@ -73,6 +73,13 @@ pub struct RunArgs {
     /// checkpoint directory; a VLM model implies it). Steering acts on the LLM backbone only.
     #[arg(long)]
     pub vlm: bool,
+    /// With --vlm: a contextual index (`lens index`); each step's result carries the top-3
+    /// contextual neighbours of the vision tokens under the element acted on (docs/lens.md).
+    #[arg(long)]
+    pub lens: Option<PathBuf>,
+    /// The LLM layer read by --lens (blocks.{L}.hook_resid_post) [default: the steering layer].
+    #[arg(long)]
+    pub lens_layer: Option<usize>,
     /// Comma-separated task names, or `all` (the 25-task exp12 set).
     #[arg(long)]
     pub tasks: Option<String>,
@@ -386,6 +393,7 @@ impl RunMeta {
             max_new_tokens: self.config.max_new_tokens,
             harness_version: self.harness.clone(),
             key: self.key(task, seed, ep.condition, ep.coeff),
+            lens: None,
         }
     }
 }
@@ -639,8 +647,16 @@ pub fn run(a: RunArgs) -> Result<()> {
                 s.model
             );
         }
-        super::vlm::execute(&s, a.vector_cache.as_deref(), !a.no_progress)?
+        super::vlm::execute(
+            &s,
+            a.vector_cache.as_deref(),
+            !a.no_progress,
+            a.lens.as_deref().map(|p| (p, a.lens_layer)),
+        )?
     } else {
+        if a.lens.is_some() {
+            bail!("--lens reads vision tokens: it needs --vlm and a Qwen2-VL model");
+        }
         execute(&s, a.vector_cache.as_deref(), !a.no_progress)?
     };
     print_summary(&summary);

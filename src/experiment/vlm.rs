@@ -65,7 +65,13 @@ fn vector_path(s: &Settings, explicit: Option<&Path>, layer: usize, model: &str)
 }
 
 /// Runs the plan of `s` with the VLM agent and returns its summary.
-pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Result<Summary> {
+/// `lens`: `--lens IDX` and `--lens-layer` (default: the steering layer, else 50% depth).
+pub fn execute(
+    s: &Settings,
+    vector_cache: Option<&Path>,
+    progress: bool,
+    lens: Option<(&Path, Option<usize>)>,
+) -> Result<Summary> {
     let t_run = Instant::now();
     let root = env::html_root()?;
     for t in &s.tasks {
@@ -81,6 +87,28 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
         Some(registry::parse_layer(&s.layer, model.info.num_layers)?)
     };
     check_given_vector(&given, &model.info, layer, s.allow_foreign_vector)?;
+    let probe = match lens {
+        Some((dir, l)) => {
+            let n = model.info.num_layers;
+            let l = l.or(layer).unwrap_or(n / 2);
+            if l >= n {
+                bail!("--lens-layer {l}: the model has {n} layers (0..{})", n - 1);
+            }
+            let index = crate::interp::index::Index::open(dir)?;
+            if index.meta.hidden != model.info.hidden_size {
+                bail!(
+                    "--lens {}: the index has {} features, {} has {} (an index of another model)",
+                    dir.display(),
+                    index.meta.hidden,
+                    model.info.name,
+                    model.info.hidden_size
+                );
+            }
+            tracing::info!("lens read-out at {} against {}", HookPoint::ResidPost(l), dir.display());
+            Some(Arc::new(crate::agent::vlm::LensProbe { index: Mutex::new(index), layer: l, k: 3 }))
+        }
+        None => None,
+    };
     let arms = arms(s);
     let items = plan::shard(&plan::expand(&s.tasks, s.eval_steps, s.seed)?, s.shard);
     let mut meta = RunMeta::new(s, &model.info, layer, true, given.as_ref().map(|g| g.2.as_str()));
@@ -102,6 +130,7 @@ pub fn execute(s: &Settings, vector_cache: Option<&Path>, progress: bool) -> Res
             pending,
             results.clone(),
             progress,
+            probe,
         ));
         rt.shutdown_timeout(Duration::from_secs(5));
         let (f, vh, e) = r?;
@@ -244,6 +273,7 @@ async fn evaluate(
     pending: Vec<(Item, Vec<Arm>)>,
     results: Arc<Mutex<ResultsFile>>,
     progress: bool,
+    probe: Option<Arc<crate::agent::vlm::LensProbe>>,
 ) -> Result<(usize, Option<String>, f64)> {
     env::browser::install_signal_cleanup();
     let pool = Pool::new(s.concurrency, env_config()).await?;
@@ -272,7 +302,9 @@ async fn evaluate(
     let mut meta = meta.clone();
     let vector_hash = steering.as_ref().map(|(_, h)| h.clone());
     meta.vector_hash = vector_hash.clone();
-    let engine = VlmEngine::new(model, steering.map(|(st, _)| st), s.max_new_tokens);
+    let mut engine = VlmEngine::new(model, steering.map(|(st, _)| st), s.max_new_tokens);
+    let with_lens = probe.is_some();
+    engine.lens = probe;
     let t_eval = Instant::now();
     let total: usize = pending.iter().map(|p| p.1.len()).sum();
     let pb = if progress {
@@ -301,7 +333,10 @@ async fn evaluate(
                 }
             };
             for ep in &outcomes {
-                let line = meta.line(&item.task, item.seed, ep);
+                let mut line = meta.line(&item.task, item.seed, ep);
+                if with_lens {
+                    line.lens = Some(ep.lens.clone());
+                }
                 results.lock().unwrap_or_else(|p| p.into_inner()).append(&line).context(WriteFailed)?;
                 let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
                 c.add(ep.condition, ep.coeff, ep.success, ep.parse_failure);

@@ -5,7 +5,7 @@ use super::index::{self, Index, IndexMeta};
 use super::lens::{self, EmbeddingLens, Neighbour};
 use crate::models::cli::{parse_device, render_prompt, ModelArgs};
 use crate::models::decoder::Decoder;
-use crate::models::hooks::Positions;
+use crate::models::hooks::{HookPoint, Positions};
 use crate::models::load::{LoadedModel, ModelInfo};
 use crate::models::qwen2_vl::Qwen2Vl;
 use crate::models::tokenizer::Tokenizer;
@@ -217,7 +217,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     } else {
         let prompts = match (&a.prompt, &a.prompts_file) {
             (Some(p), None) => vec![p.clone()],
-            (None, Some(f)) => read_lines(f)?,
+            (None, Some(f)) => read_lines(f, true)?,
             _ => bail!("give --image F…, --task T, --prompt TEXT or --prompts-file FILE"),
         };
         if positions == Positions::Image {
@@ -253,8 +253,9 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-/// One sentence a line (JSON lines with `text` too), blank lines skipped.
-pub fn read_lines(path: &Path) -> Result<Vec<String>> {
+/// One sentence a line, blank lines skipped; with `json`, lines starting with `{` are JSON
+/// objects with a `text` field (prompt files; a corpus is plain text: DOM texts can start with `{`).
+pub fn read_lines(path: &Path, json: bool) -> Result<Vec<String>> {
     let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -263,7 +264,7 @@ pub fn read_lines(path: &Path) -> Result<Vec<String>> {
         if t.is_empty() {
             continue;
         }
-        if t.starts_with('{') {
+        if json && t.starts_with('{') {
             let v: Value =
                 serde_json::from_str(t).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
             let s = v.get("text").and_then(|x| x.as_str());
@@ -297,6 +298,125 @@ pub enum LensCmd {
     Grounded(GroundedArgs),
     /// Write a corpus for `lens index`: WordNet glosses and examples, or MiniWoB texts.
     Corpus(CorpusArgs),
+    /// Scale benchmark: a synthetic index of random unit vectors (no model), then exact queries.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Index directory (built here unless it exists with the same shape).
+    #[arg(long)]
+    pub index: PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    pub slots: usize,
+    #[arg(long, default_value_t = 1536)]
+    pub hidden: usize,
+    /// Index layers.
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// Query vectors per batch (165 = one Set-of-Marks screenshot).
+    #[arg(long, default_value_t = 165)]
+    pub queries: usize,
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the queries and the top-k here (safetensors), for the torch peer's comparison.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run_bench(a: BenchArgs) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
+    let mut gauss = |n: usize| -> Vec<f32> {
+        // Box–Muller: isotropic directions once normalised.
+        (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect()
+    };
+    let fresh = Index::open(&a.index)
+        .ok()
+        .filter(|ix| ix.meta.slots == a.slots && ix.meta.hidden == a.hidden && ix.meta.hook_points.len() == a.layers);
+    if fresh.is_none() {
+        let meta = IndexMeta {
+            model: "synthetic".into(),
+            weights_hash: String::new(),
+            hook_points: (0..a.layers).map(|l| HookPoint::ResidPost(l).to_string()).collect(),
+            hidden: a.hidden,
+            slots: 0,
+            per_token: 20,
+            min_position: 2,
+            seed: a.seed,
+            corpus: "synthetic".into(),
+            sentences: 0,
+            occurrences: 0,
+            dtype: "f16".into(),
+        };
+        let t0 = std::time::Instant::now();
+        let mut w = index::IndexWriter::create(&a.index, meta)?;
+        w.add_sentence("synthetic")?;
+        let pb = super::progress(a.slots as u64, "synthetic index");
+        for s in 0..a.slots {
+            let rows: Vec<Vec<f32>> = (0..a.layers).map(|_| l2(gauss(a.hidden))).collect();
+            let r: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+            w.push_slot(&format!("t{}", s % 50_000), (s % 50_000) as u32, 0, 2, &r)?;
+            if s % 4096 == 0 {
+                pb.set_position(s as u64);
+            }
+        }
+        pb.finish_and_clear();
+        w.finish()?;
+        tracing::info!(
+            "built {} slots × {} layers × {} in {:.1}s",
+            a.slots,
+            a.layers,
+            a.hidden,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let dev = parse_device(&a.device)?;
+    let ix = Index::open(&a.index)?;
+    let q: Vec<f32> = (0..a.queries).flat_map(|_| gauss(a.hidden)).collect();
+    let qt = candle_core::Tensor::from_vec(q, (a.queries, a.hidden), &dev)?;
+    let t0 = std::time::Instant::now();
+    let hits = ix.query(&qt, a.k)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"slots": a.slots, "hidden": a.hidden, "layers": a.layers, "queries": a.queries, "k": a.k,
+               "query_s": secs, "vision_tokens_per_s": a.queries as f64 / secs,
+               "peak_rss_mb": peak_rss_mb(), "threads": rayon::current_num_threads()})
+    );
+    if let Some(p) = &a.dump {
+        let mut t = std::collections::HashMap::new();
+        t.insert("queries".to_string(), qt.to_device(&candle_core::Device::Cpu)?);
+        let flat = |f: &dyn Fn(&index::Hit) -> i64| hits.iter().flat_map(|r| r.iter().map(f)).collect::<Vec<i64>>();
+        let shape = (a.queries, a.k);
+        t.insert(
+            "layer".into(),
+            candle_core::Tensor::from_vec(flat(&|h| h.layer as i64), shape, &candle_core::Device::Cpu)?,
+        );
+        t.insert(
+            "slot".into(),
+            candle_core::Tensor::from_vec(flat(&|h| h.slot as i64), shape, &candle_core::Device::Cpu)?,
+        );
+        let sc: Vec<f32> = hits.iter().flat_map(|r| r.iter().map(|h| h.score)).collect();
+        t.insert("score".into(), candle_core::Tensor::from_vec(sc, shape, &candle_core::Device::Cpu)?);
+        crate::util::save_safetensors(&t, &Default::default(), p)?;
+    }
+    Ok(())
+}
+
+fn l2(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-30);
+    v.iter_mut().for_each(|x| *x /= n);
+    v
 }
 
 #[derive(clap::Args, Debug)]
@@ -380,7 +500,7 @@ pub fn default_index_layers(n: usize) -> String {
 }
 
 pub fn run_index(a: IndexArgs) -> Result<()> {
-    let mut sentences = read_lines(&a.corpus)?;
+    let mut sentences = read_lines(&a.corpus, false)?;
     if let Some(n) = a.max_sentences {
         sentences.truncate(n);
     }
@@ -633,6 +753,7 @@ pub fn run_lens(a: LensArgs) -> Result<()> {
         LensCmd::Query(a) => run_query(a),
         LensCmd::Grounded(a) => run_grounded(a),
         LensCmd::Corpus(a) => run_corpus(a),
+        LensCmd::Bench(a) => run_bench(a),
     }
 }
 

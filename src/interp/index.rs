@@ -356,6 +356,43 @@ impl Index {
     }
 }
 
+/// The in-loop read-out: the vision tokens (`states` `[n, hidden]`, pixel `boxes`) overlapping
+/// `target` (a pixel box) are each queried; their hits are pooled, one per token string (its best
+/// cosine), best first. Returns the number of tokens under the box and `[[token, cosine, hook
+/// point], …]` (k at most).
+pub fn readout(
+    ix: &mut Index,
+    states: &Tensor,
+    boxes: &[[f32; 4]],
+    target: [f32; 4],
+    k: usize,
+) -> Result<(usize, Vec<(String, f32, String)>)> {
+    let under: Vec<u32> = boxes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b[0].max(target[0]) < b[2].min(target[2]) && b[1].max(target[1]) < b[3].min(target[3]))
+        .map(|(i, _)| i as u32)
+        .collect();
+    if under.is_empty() || states.dim(0)? != boxes.len() {
+        return Ok((under.len(), Vec::new()));
+    }
+    let idx = Tensor::from_vec(under.clone(), under.len(), states.device())?;
+    let hits = ix.query(&states.index_select(&idx, 0)?, k)?;
+    let mut pooled: Vec<Hit> = hits.into_iter().flatten().collect();
+    merge(&mut pooled, usize::MAX);
+    let mut out: Vec<(String, f32, String)> = Vec::new();
+    for h in pooled {
+        let key = ix.keys[ix.slots[h.slot as usize][0] as usize].clone();
+        if !out.iter().any(|o| o.0 == key) {
+            out.push((key, h.score, ix.meta.hook_points[h.layer].clone()));
+        }
+        if out.len() == k {
+            break;
+        }
+    }
+    Ok((under.len(), out))
+}
+
 /// Keeps the k best hits: highest score, then lower layer, then lower slot (the order of a
 /// brute-force top-k over the layer-major concatenation of all layers).
 fn merge(v: &mut Vec<Hit>, k: usize) {

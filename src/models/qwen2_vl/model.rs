@@ -366,6 +366,56 @@ impl Qwen2Vl {
         self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut caps)
     }
 
+    /// [`generate_forked`](Self::generate_forked) that also returns the states of row 0 at
+    /// `points` over the prompt's columns but the last (`[1, n-1, hidden]` each): what the lens
+    /// read-out of `run --vlm --lens` needs, taken from the prefill the generation does anyway.
+    pub fn generate_forked_captured(
+        &self,
+        input: &VlmInput,
+        rows: usize,
+        cfg: &GenerateConfig,
+        spec: &HookSpec,
+        points: &[crate::models::hooks::HookPoint],
+    ) -> Result<(Vec<Generation>, Captures)> {
+        let n = input.ids.len();
+        let last_is_image = input.ids.last() == Some(&self.cfg.image_token_id);
+        if rows < 2 || n < 2 || last_is_image {
+            // Unforked: capture in the batched prefill (decode-step captures are appended after it).
+            let mut full = spec.clone();
+            full.captures.extend_from_slice(points);
+            let mut caps = Captures::default();
+            let batch = vec![input.clone(); rows];
+            let Prefilled { logits, mut state, deltas, lens } = self.prefill(&batch, &full, &mut caps, false)?;
+            let mut out = Captures::default();
+            for &p in points {
+                out.tensors.insert(p, vec![caps.get(p)?.narrow(0, 0, 1)?.narrow(1, 0, n - 1)?]);
+            }
+            let gens = self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut Captures::default())?;
+            return Ok((gens, out));
+        }
+        if spec.interventions.iter().any(|iv| iv.positions != crate::models::hooks::Positions::Last) {
+            bail!("forked generation needs every intervention at the `last` positions");
+        }
+        let mut prefix_caps = Captures::default();
+        let prefix = VlmInput { ids: input.ids[..n - 1].to_vec(), images: input.images.clone() };
+        let prefix_spec = points.iter().fold(HookSpec::none(), |s, &p| s.capture(p));
+        let pre = self.prefill(std::slice::from_ref(&prefix), &prefix_spec, &mut prefix_caps, false)?;
+        let mut caps = Captures::default();
+        let mut state = pre.state.select_rows(&vec![0; rows])?;
+        // The prefix's delta holds for the last prompt token (text): its position is
+        // column + delta, what decode_step computes.
+        let full = rope::mrope_positions(
+            &input.ids,
+            &input.grids(),
+            self.cfg.image_token_id,
+            self.cfg.vision.spatial_merge_size,
+        )?;
+        let deltas = vec![full.delta; rows];
+        let logits = self.decode_step(&vec![input.ids[n - 1]; rows], &mut state, &deltas, spec, &mut caps)?;
+        let gens = self.decode_loop(logits, &mut state, &deltas, vec![n; rows], cfg, spec, &mut caps)?;
+        Ok((gens, prefix_caps))
+    }
+
     /// `rows` copies of one prompt whose hooks act only from its last token on (the `last`
     /// selector: baseline and steered rows of one episode): the prompt but its last token is
     /// prefilled once without hooks (one pass through the vision tower and the LLM), the KV cache
@@ -378,29 +428,7 @@ impl Qwen2Vl {
         cfg: &GenerateConfig,
         spec: &HookSpec,
     ) -> Result<Vec<Generation>> {
-        let n = input.ids.len();
-        let last_is_image = input.ids.last() == Some(&self.cfg.image_token_id);
-        if rows < 2 || n < 2 || last_is_image {
-            return self.generate(&vec![input.clone(); rows], cfg, spec);
-        }
-        if spec.interventions.iter().any(|iv| iv.positions != crate::models::hooks::Positions::Last) {
-            bail!("forked generation needs every intervention at the `last` positions");
-        }
-        let mut caps = Captures::default();
-        let prefix = VlmInput { ids: input.ids[..n - 1].to_vec(), images: input.images.clone() };
-        let pre = self.prefill(std::slice::from_ref(&prefix), &HookSpec::none(), &mut caps, false)?;
-        let mut state = pre.state.select_rows(&vec![0; rows])?;
-        // The prefix's delta holds for the last prompt token (text): its position is
-        // column + delta, what decode_step computes.
-        let full = rope::mrope_positions(
-            &input.ids,
-            &input.grids(),
-            self.cfg.image_token_id,
-            self.cfg.vision.spatial_merge_size,
-        )?;
-        let deltas = vec![full.delta; rows];
-        let logits = self.decode_step(&vec![input.ids[n - 1]; rows], &mut state, &deltas, spec, &mut caps)?;
-        self.decode_loop(logits, &mut state, &deltas, vec![n; rows], cfg, spec, &mut caps)
+        Ok(self.generate_forked_captured(input, rows, cfg, spec, &[])?.0)
     }
 
     #[allow(clippy::too_many_arguments)] // the decode state of one generation, in pieces
