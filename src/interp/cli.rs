@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// A text model or a Qwen2-VL: the lenses need only the LLM backbone and its tokenizer.
 pub enum Loaded {
-    Text(LoadedModel),
+    Text(Box<LoadedModel>),
     Vlm(Box<Qwen2Vl>),
 }
 
@@ -27,7 +27,7 @@ impl Loaded {
             let device = parse_device(&m.device)?;
             Ok(Loaded::Vlm(Box::new(Qwen2Vl::load(&m.model, &device, m.dtype.resolve_for(&device, &m.model))?)))
         } else {
-            Ok(Loaded::Text(m.load()?))
+            Ok(Loaded::Text(Box::new(m.load()?)))
         }
     }
     pub fn decoder(&self) -> &Decoder {

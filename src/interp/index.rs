@@ -214,6 +214,9 @@ impl IndexWriter {
     }
 }
 
+/// A read-out: tokens under the box, and `(token string, cosine, hook point)` best first.
+pub type Readout = (usize, Vec<(String, f32, String)>);
+
 /// One hit of a contextual query.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hit {
@@ -360,13 +363,7 @@ impl Index {
 /// `target` (a pixel box) are each queried; their hits are pooled, one per token string (its best
 /// cosine), best first. Returns the number of tokens under the box and `[[token, cosine, hook
 /// point], …]` (k at most).
-pub fn readout(
-    ix: &mut Index,
-    states: &Tensor,
-    boxes: &[[f32; 4]],
-    target: [f32; 4],
-    k: usize,
-) -> Result<(usize, Vec<(String, f32, String)>)> {
+pub fn readout(ix: &mut Index, states: &Tensor, boxes: &[[f32; 4]], target: [f32; 4], k: usize) -> Result<Readout> {
     let under: Vec<u32> = boxes
         .iter()
         .enumerate()
@@ -432,8 +429,7 @@ pub fn build(
             .map(|&p| Ok(caps.get(p)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec3::<f32>()?))
             .collect::<Result<_>>()?;
         for (b, &r) in todo.iter().enumerate() {
-            for p in min_pos..ids[r].len() {
-                let id = ids[r][p];
+            for (p, &id) in ids[r].iter().enumerate().skip(min_pos) {
                 let key = key_cache.entry(id).or_insert_with(|| super::lens::token_string(tok, id)).clone();
                 if let Some(slot) = w.reserve(&key, id, idx[r], p as u32) {
                     let col = pads[b] + p;
@@ -496,6 +492,6 @@ mod tests {
         assert_eq!((m.slots, m.occurrences), (6, 100));
         let idx = Index::open(dir.path()).unwrap();
         let r = idx.rows(0, 5, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(r, vec![vec![0.6f32, 0.8].iter().map(|&x| f16::from_f32(x).to_f32()).collect::<Vec<_>>()]);
+        assert_eq!(r, vec![[0.6f32, 0.8].iter().map(|&x| f16::from_f32(x).to_f32()).collect::<Vec<_>>()]);
     }
 }
