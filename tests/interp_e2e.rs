@@ -205,6 +205,30 @@ fn miniwob_screenshots_extract_lens_and_grounded_score() {
     for lens in ["embedding", "logit", "contextual"] {
         assert!(out.contains(lens), "{out}");
     }
+    // The agent's own prompt puts its text after the image: causal attention leaves the image
+    // positions' states unchanged (bit for bit), and the prompt is longer.
+    let exta = dir.path().join("exta");
+    run(&[
+        "extract",
+        "--model",
+        s(&vl),
+        "--device",
+        "cpu",
+        "--task",
+        "click-button",
+        "--seeds",
+        "0..1",
+        "--som",
+        "--agent-prompt",
+        "--layers",
+        "1",
+        "--out",
+        s(&exta),
+    ]);
+    let a = extract::read_item(&extract::item_files(&exta).unwrap()[0]).unwrap();
+    assert_eq!(a.meta["prompt"], "agent");
+    assert_eq!(a.positions, it.positions);
+    assert_eq!(max_abs(&a.states[0], it.state("blocks.1.hook_resid_post".parse().unwrap()).unwrap()), 0.0);
     let png = image::open(gout.join("grounded.png")).unwrap();
     assert_eq!((png.width(), png.height()), (760, 440));
     // The score itself, on crafted neighbours: each token's overlapped words as its neighbours

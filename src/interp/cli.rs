@@ -7,7 +7,7 @@ use crate::models::cli::{parse_device, render_prompt, ModelArgs};
 use crate::models::decoder::Decoder;
 use crate::models::hooks::{HookPoint, Positions};
 use crate::models::load::{LoadedModel, ModelInfo};
-use crate::models::qwen2_vl::Qwen2Vl;
+use crate::models::qwen2_vl::{Qwen2Vl, VlmInput};
 use crate::models::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -88,6 +88,10 @@ pub struct ExtractArgs {
     /// The text after the image in the user turn.
     #[arg(long, default_value = "Describe the picture.")]
     pub text: String,
+    /// With --task: the VLM agent's own prompt (`run --vlm`: instruction, utterance, answer
+    /// request) instead of --text, so the states are the ones the agent computes.
+    #[arg(long, requires = "task")]
+    pub agent_prompt: bool,
     /// One text prompt (text positions).
     #[arg(long, conflicts_with = "prompts_file")]
     pub prompt: Option<String>,
@@ -154,9 +158,12 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         if positions == Positions::Image && a.task.is_none() && a.image.is_empty() {
             bail!("no images given");
         }
-        let one = |img: image::RgbImage, meta: Value, w: &mut ExtractWriter| -> Result<()> {
+        let one = |img: image::RgbImage, meta: Value, w: &mut ExtractWriter, input: Option<VlmInput>| -> Result<()> {
             let size = (img.width() as usize, img.height() as usize);
-            let input = vlm.user_prompt(&[img], &a.text)?;
+            let input = match input {
+                Some(i) => i,
+                None => vlm.user_prompt(&[img], &a.text)?,
+            };
             let e = extract::extract_vlm(vlm, &input, &[size], &points, positions)?;
             let mut meta = meta;
             meta["image_size"] = json!([size.0, size.1]);
@@ -193,8 +200,14 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
                             })
                             .collect();
                         let meta = json!({"source": "miniwob", "task": task, "seed": seed, "som": a.som,
-                            "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts});
-                        one(img, meta, &mut w)?;
+                            "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts,
+                            "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
+                        let input = if a.agent_prompt {
+                            Some(crate::agent::vlm::turn_from_png(vlm, &png, &obs, &[], None)?.input)
+                        } else {
+                            None
+                        };
+                        one(img, meta, &mut w, input)?;
                         n += 1;
                         pb.inc(1);
                     }
@@ -209,7 +222,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         let pb = super::progress(a.image.len() as u64, "extract");
         for f in &a.image {
             let img = image::open(f).with_context(|| format!("reading image {}", f.display()))?.to_rgb8();
-            one(img, json!({"source": "file", "file": f.display().to_string()}), &mut w)?;
+            one(img, json!({"source": "file", "file": f.display().to_string(), "prompt": a.text}), &mut w, None)?;
             n += 1;
             pb.inc(1);
         }
