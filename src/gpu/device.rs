@@ -51,9 +51,9 @@ impl DTypeChoice {
     }
 
     /// The dtype to load `model` (alias, directory or .gguf) with on `device`. `auto` on the CPU
-    /// keeps a GGUF checkpoint quantized: `gguf` decodes 3.6× (batch 1) to 5.7× (batch 2) faster there than dequantized f32
-    /// (our 8-bit kernel, `models/q8.rs`) and prefills at f32 speed (see docs/exp12.md); other
-    /// checkpoints load in f32.
+    /// keeps a GGUF checkpoint quantized: `gguf` decodes about 3–5× (batch 1) and 3× (batch 2)
+    /// faster there than dequantized f32 (our 8-bit kernel, `models/q8.rs`) and prefills at about
+    /// 0.7× its speed (see docs/exp12.md); other checkpoints load in f32.
     pub fn resolve_for(self, device: &Device, model: &str) -> WeightDType {
         let gguf = || {
             crate::models::registry::resolve(model)
