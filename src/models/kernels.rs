@@ -308,10 +308,11 @@ unsafe fn attend_avx(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    /// Seeded values in [-1, 1) for kernel tests.
+    pub(crate) fn lcg(seed: u64, n: usize) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

@@ -221,16 +221,7 @@ mod avx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::models::kernels::tests::lcg;
 
     /// The exact integer result of the quantized product, computed independently.
     fn reference(w: &Q8Matrix, x: &[f32], m: usize) -> Vec<f32> {
