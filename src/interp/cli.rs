@@ -176,7 +176,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
             let pb = super::progress(seeds.len() as u64, "extract");
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async {
-                crate::env::browser::install_ctrlc_cleanup();
+                crate::env::browser::install_signal_cleanup();
                 let mut cfg = crate::env::session::EnvConfig::default();
                 cfg.browser.device_scale = a.scale;
                 let mut s = crate::env::Session::start(cfg).await?;
@@ -464,7 +464,7 @@ pub fn run_corpus(a: CorpusArgs) -> Result<()> {
             let pb = super::progress((tasks.len() * seeds.len()) as u64, "miniwob corpus");
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let v = rt.block_on(async {
-                crate::env::browser::install_ctrlc_cleanup();
+                crate::env::browser::install_signal_cleanup();
                 super::corpus::miniwob_corpus(&tasks, &seeds, &pb).await
             })?;
             pb.finish_and_clear();
