@@ -419,6 +419,35 @@ impl Decoder {
         all_logits: bool,
         rope: Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
+        let seq = xs.dim(1)?;
+        let hooked = !spec.is_empty();
+        let xs = self.layers(xs, state, step, spec, caps, rope)?;
+        let cfg = &self.cfg;
+        let capture_norm = hooked && spec.touches(HookPoint::FinalNorm);
+        // Norm and project only the last position unless every position is asked for.
+        let xs = if all_logits || capture_norm { xs } else { xs.narrow(1, seq - 1, 1)? };
+        let mut xs = rms_norm(&xs, &self.final_norm, cfg.rms_norm_eps)?;
+        if capture_norm {
+            xs = hooks::apply(spec, HookPoint::FinalNorm, xs, step, caps)?;
+            if !all_logits {
+                xs = xs.narrow(1, seq - 1, 1)?;
+            }
+        }
+        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
+        softcap(&logits, cfg.final_logit_softcap)
+    }
+
+    /// Runs the decoder layers over `xs`, appending to `state`'s KV cache; returns the last
+    /// layer's residual stream (no final norm).
+    fn layers(
+        &self,
+        xs: Tensor,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, seq, _) = xs.dims3()?;
         if b != state.batch() {
@@ -472,18 +501,14 @@ impl Decoder {
             }
         }
         state.cols += seq;
-        let capture_norm = hooked && spec.touches(HookPoint::FinalNorm);
-        // Norm and project only the last position unless every position is asked for.
-        let xs = if all_logits || capture_norm { xs } else { xs.narrow(1, seq - 1, 1)? };
-        let mut xs = rms_norm(&xs, &self.final_norm, cfg.rms_norm_eps)?;
-        if capture_norm {
-            xs = hooks::apply(spec, HookPoint::FinalNorm, xs, step, caps)?;
-            if !all_logits {
-                xs = xs.narrow(1, seq - 1, 1)?;
-            }
-        }
-        let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;
-        softcap(&logits, cfg.final_logit_softcap)
+        Ok(xs)
+    }
+
+    /// Appends `ids` (`[batch, seq]`) to `state`'s KV cache without hooks and without the final
+    /// norm and head: a prefix whose logits nobody reads (the prefix cache, shared prefills).
+    pub fn extend_cache(&self, ids: &Tensor, state: &mut State, step: &StepInfo) -> Result<()> {
+        self.layers(self.embed(ids)?, state, step, &HookSpec::none(), &mut Captures::default(), None)?;
+        Ok(())
     }
 
     /// The input embedding matrix `[vocab, hidden]` (before Gemma's scale), for the embedding lens.

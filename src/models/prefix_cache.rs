@@ -13,7 +13,7 @@
 //! (docs/determinism.md), so a block prefilled in one call is the block another call would
 //! compute. Tensors are reference counted, so evicting a block a state still uses is harmless.
 use super::decoder::{Decoder, State};
-use super::hooks::{Captures, HookSpec, StepInfo};
+use super::hooks::StepInfo;
 use anyhow::Result;
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -156,14 +156,7 @@ pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut Prefix
     }
     if hit < tokens.len() {
         let ids = Tensor::from_vec(tokens[hit..].to_vec(), (1, tokens.len() - hit), model.device())?;
-        model.forward(
-            &ids,
-            &mut state,
-            &StepInfo::prefill(vec![0]),
-            &HookSpec::none(),
-            &mut Captures::default(),
-            false,
-        )?;
+        model.extend_cache(&ids, &mut state, &StepInfo::prefill(vec![0]))?;
     }
     if let Some(c) = cache {
         c.stats.hit_tokens += hit as u64;
