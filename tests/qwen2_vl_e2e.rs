@@ -5,14 +5,15 @@
 mod common;
 
 use candle_core::Device;
-use miniwob_steer::agent::vlm::{observe_turn, VlmEngine};
-use miniwob_steer::agent::{Arm, Steering};
+use miniwob_steer::agent::{
+    Agent, AgentModel, Arm, Condition, Generator, GeneratorConfig, PromptBuilder, Steering, View,
+};
 use miniwob_steer::env::{EnvConfig, Pool};
-use miniwob_steer::experiment::vlm::compute_vlm_vector;
-use miniwob_steer::models::hooks::{Captures, HookPoint, HookSpec};
+use miniwob_steer::experiment::vectors::{self, TrainingView};
+use miniwob_steer::models::hooks::{Captures, HookPoint, HookSpec, Positions};
 use miniwob_steer::models::qwen2_vl::Qwen2Vl;
 use miniwob_steer::models::WeightDType;
-use miniwob_steer::steering::caa::{CoeffMode, Method};
+use miniwob_steer::steering::caa::{steering_spec, CaaOptions, CoeffMode, Method};
 use miniwob_steer::steering::pairs;
 use std::process::Command;
 use std::sync::Arc;
@@ -42,7 +43,10 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         let pool = Pool::new(1, EnvConfig::default()).await.unwrap();
         let mut sess = pool.acquire().await.unwrap();
         let obs = sess.reset("click-button", 3).await.unwrap();
-        let turn = observe_turn(&model, &mut sess, &obs, &[], None).await.unwrap();
+        let som = sess.som_image(&obs).await.unwrap();
+        let prompts = PromptBuilder::default();
+        let view = View { obs: &obs, screenshot: Some(&som), history: &[] };
+        let turn = model.turn(&prompts, &view, None).unwrap();
         let input = &turn.input;
         assert_eq!(input.images.len(), 1);
         let img = &input.images[0];
@@ -57,17 +61,15 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
 
         // A vector from two training screens with the project's prompt pair, at the LLM layer.
         let layer = model.cfg.text.num_layers / 2;
-        let png = sess.som_screenshot(&obs).await.unwrap();
         let all = pairs::load(None).unwrap();
-        let pair = pairs::find(&all, "accuracy").unwrap();
-        let v =
-            compute_vlm_vector(&model, &[(obs.clone(), png.clone()), (obs.clone(), png)], pair, Method::Prompt, layer)
-                .unwrap();
+        let views: Vec<TrainingView> =
+            (0..2).map(|_| TrainingView { obs: obs.clone(), screenshot: Some(som.clone()) }).collect();
+        let opts = CaaOptions { layers: vec![layer], method: Method::Prompt, batch_size: 4, response_tokens: 32 };
+        let v = vectors::compute(&*model, &views, &all, "accuracy", &opts).unwrap();
         assert_eq!(v.layers.keys().copied().collect::<Vec<_>>(), vec![layer]);
         assert_eq!(v.meta.hidden_size, model.cfg.text.hidden_size, "the vector lives in the LLM residual stream");
 
-        let engine = VlmEngine::new(model.clone(), Some(Steering { vector: v, layer, mode: CoeffMode::Absolute }), 6);
-        let spec = engine.spec(&[0.0, 8.0]).unwrap();
+        let spec = steering_spec(&v, layer, &[0.0, 8.0], CoeffMode::Absolute, Positions::Last).unwrap();
         assert_eq!(spec.interventions.len(), 1);
         assert_eq!(spec.interventions[0].point, HookPoint::ResidPost(layer));
         assert!(layer < model.decoder.cfg.num_layers);
@@ -84,8 +86,21 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         // The paired episode loop: both arms act on the page and get a reward.
         drop(sess);
         let mut sess = pool.acquire().await.unwrap();
-        let arms = [Arm { condition: "baseline", coeff: 0.0 }, Arm { condition: "steered", coeff: 8.0 }];
-        let out = engine.run_pair(&mut sess, "click-button", 3, &arms, 1).await.unwrap();
+        let arms =
+            [Arm { condition: Condition::Baseline, coeff: 0.0 }, Arm { condition: Condition::Steered, coeff: 8.0 }];
+        let steering = Steering { vector: v, layer, mode: CoeffMode::Absolute };
+        let cfg = GeneratorConfig {
+            max_new_tokens: 6,
+            max_batch_rows: 2,
+            linger: std::time::Duration::ZERO,
+            prefix_cache_mb: 0,
+            capture: None,
+        };
+        let (generator, handle) = Generator::spawn(model.clone(), Some(steering), cfg);
+        let agent = Agent { generator: &generator, model: &*model, prompts: &prompts, max_steps: 1, lens: None };
+        let out = agent.run_pair(&mut sess, "click-button", 3, &arms).await.unwrap();
+        drop(generator);
+        handle.join().unwrap();
         assert_eq!(out.len(), 2);
         for ep in &out {
             assert_eq!(ep.steps, 1);
@@ -160,6 +175,52 @@ fn run_vlm_writes_paired_result_lines() {
     eprintln!("run --vlm: 8 episodes + vector in {wall:.1}s");
 }
 
+/// Issue 15: VLM rows of different episodes share generation batches (concurrency 2: more than
+/// the 2 rows of one pair per batch), and every line equals the one-at-a-time run's.
+#[test]
+fn vlm_rows_of_different_episodes_batch_together_with_identical_outputs() {
+    require_assets();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::fixture("tiny-qwen2-vl");
+    let run = |conc: &str| -> (Vec<serde_json::Value>, serde_json::Value) {
+        let out = tmp.path().join(format!("c{conc}/vlm.jsonl"));
+        let summary = tmp.path().join(format!("c{conc}/summary.json"));
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let o = Command::new(BIN)
+            .args(["run", "--vlm", "--model"])
+            .arg(&dir)
+            .args(["--device", "cpu", "--dtype", "f32", "--tasks", "click-test,click-button,focus-text"])
+            .args(["--eval-steps", "2", "--train-steps", "2", "--coeff", "4", "--max-new-tokens", "8"])
+            .args(["--concurrency", conc, "--no-progress", "--out"])
+            .arg(&out)
+            .arg("--summary-json")
+            .arg(&summary)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "run --vlm --concurrency {conc}: {}", String::from_utf8_lossy(&o.stderr));
+        let lines = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (lines, serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap())
+    };
+    let (one, s1) = run("1");
+    let (two, s2) = run("2");
+    assert_eq!(s1["rows_per_batch"].as_f64().unwrap(), 2.0, "one pair at a time: baseline + steered");
+    let rpb = s2["rows_per_batch"].as_f64().unwrap();
+    assert!(rpb > 2.0, "concurrency 2 should batch rows of different episodes, got {rpb} rows/batch");
+    assert_eq!(one.len(), 12);
+    let by_key = |v: &[serde_json::Value]| -> std::collections::BTreeMap<String, serde_json::Value> {
+        v.iter().map(|l| (l["key"].as_str().unwrap().to_string(), l.clone())).collect()
+    };
+    let (a, b) = (by_key(&one), by_key(&two));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, x) in &a {
+        let y = &b[k];
+        for f in ["output", "actions", "success", "prompt_hash", "vector_hash", "tokens_in", "tokens_out"] {
+            assert_eq!(x[f], y[f], "{k}: `{f}` differs between concurrency 1 and 2");
+        }
+    }
+}
+
 fn vm_hwm_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -189,7 +250,7 @@ fn real_size_figures() {
     let img = image::RgbImage::from_fn(320, 420, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 200]));
     let text = format!(
         "{}\n\nTask: Click on the \"submit\" button.\n\nAnswer with the action line(s) only.",
-        miniwob_steer::agent::vlm::VLM_INSTRUCTION
+        miniwob_steer::agent::prompt::VLM_INSTRUCTION
     );
     let input = model.user_prompt(&[img], &text).unwrap();
     let n_img = input.ids.iter().filter(|&&t| t == model.cfg.image_token_id).count();

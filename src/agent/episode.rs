@@ -1,29 +1,55 @@
-//! The episode loop: reset with the episode seed, observe, prompt, generate, parse, act, reward.
+//! The episode loop, one for every model: reset with the episode seed, observe (the DOM, and the
+//! Set-of-Marks screenshot for a VLM), build the turn, generate, parse, act, reward.
 //!
 //! Paired: the rows of every condition of one (task, seed) (baseline α = 0 and the steered
 //! coefficients) are generated from the same first observation in one batch. Each condition then
 //! replays on a fresh reset of the same seed and acts on its own output; multi-step tasks go on
 //! (observe, generate one row, act) until the page says done or `max_steps` model turns.
-use super::generator::{Generator, Row};
+use super::generator::{Generator, Row, RowOutput};
 use super::parse::parse_output;
-use super::prompt::{hash16, PromptBuilder};
-use crate::env::{Action, Session};
-use crate::models::tokenizer::Tokenizer;
+use super::prompt::PromptBuilder;
+use super::turn::{AgentModel, Turn, View};
+use crate::env::{Action, Observation, Session};
+use crate::interp::readout::LensProbe;
 use anyhow::Result;
+use image::RgbImage;
 use std::time::Instant;
 
-/// One trajectory to run: its condition name and steering coefficient.
+/// The condition of one trajectory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Condition {
+    /// α = 0: no steering.
+    Baseline,
+    Steered,
+}
+
+impl Condition {
+    /// The name result lines and resume keys use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Condition::Baseline => "baseline",
+            Condition::Steered => "steered",
+        }
+    }
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One trajectory to run: its condition and steering coefficient.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Arm {
-    /// `baseline` or `steered`.
-    pub condition: &'static str,
+    pub condition: Condition,
     pub coeff: f32,
 }
 
 /// The outcome of one episode (one arm).
 #[derive(Debug, Clone)]
 pub struct EpisodeOutcome {
-    pub condition: &'static str,
+    pub condition: Condition,
     pub coeff: f32,
     pub prompt_hash: String,
     /// Raw model output of every step joined with `\n---\n`.
@@ -44,14 +70,31 @@ pub struct EpisodeOutcome {
 }
 
 /// Everything an episode needs besides the session.
-pub struct Agent<'a> {
-    pub generator: &'a Generator,
-    pub tokenizer: &'a Tokenizer,
+pub struct Agent<'a, E: AgentModel> {
+    pub generator: &'a Generator<E>,
+    pub model: &'a E,
     pub prompts: &'a PromptBuilder,
     pub max_steps: usize,
+    /// The in-loop lens read-out (VLMs; the generator must capture at its layer).
+    pub lens: Option<&'a LensProbe>,
 }
 
-impl Agent<'_> {
+/// An observation with what the model sees of it.
+struct Seen<I> {
+    obs: Observation,
+    screenshot: Option<RgbImage>,
+    turn: Turn<I>,
+}
+
+impl<E: AgentModel> Agent<'_, E> {
+    /// Observes the page as the model sees it after `history`.
+    async fn see(&self, sess: &mut Session, obs: Observation, history: &[String]) -> Result<Seen<E::Input>> {
+        let screenshot = if E::SCREENSHOT { Some(sess.som_image(&obs).await?) } else { None };
+        let view = View { obs: &obs, screenshot: screenshot.as_ref(), history };
+        let turn = self.model.turn(self.prompts, &view, None)?;
+        Ok(Seen { obs, screenshot, turn })
+    }
+
     /// Runs every arm of one (task, seed) on `sess`. An `Err` wrapping
     /// [`crate::env::EnvError`] with `is_retryable()` means the browser died: run the pair again.
     pub async fn run_pair(
@@ -63,22 +106,28 @@ impl Agent<'_> {
     ) -> Result<Vec<EpisodeOutcome>> {
         let t_pair = Instant::now();
         let obs0 = sess.reset(task, seed).await?;
-        let prompt0 = self.prompts.render(self.tokenizer, &obs0, &[], None)?;
-        let rows = arms.iter().map(|a| Row { prompt: prompt0.clone(), coeff: a.coeff }).collect();
+        let seen0 = self.see(sess, obs0, &[]).await?;
+        let rows = arms.iter().map(|a| Row { input: seen0.turn.input.clone(), coeff: a.coeff }).collect();
         let first = self.generator.generate(rows).await?;
         let shared_s = t_pair.elapsed().as_secs_f64();
+        // Device pixels per CSS pixel of the screenshot (the lens maps element boxes with it).
+        let px = {
+            let sc = sess.device_scale() as f32;
+            sc * crate::env::som::enlargement(sc) as f32
+        };
         let mut out = Vec::with_capacity(arms.len());
         for (arm, gen) in arms.iter().zip(first) {
             let t0 = Instant::now();
+            // Every arm acts on a fresh reset of the same seed, which must show the same page.
             let obs = sess.reset(task, seed).await?;
-            let again = self.prompts.render(self.tokenizer, &obs, &[], None)?;
-            if again != prompt0 {
+            let mut seen = self.see(sess, obs, &[]).await?;
+            if seen.turn.hash != seen0.turn.hash {
                 tracing::warn!(task, seed, "the page differed on a second reset with the same seed");
             }
             let mut ep = EpisodeOutcome {
                 condition: arm.condition,
                 coeff: arm.coeff,
-                prompt_hash: hash16(&prompt0),
+                prompt_hash: seen0.turn.hash.clone(),
                 output: String::new(),
                 actions: Vec::new(),
                 parse_failure: false,
@@ -92,7 +141,7 @@ impl Agent<'_> {
                 tokens_out: 0,
                 lens: Vec::new(),
             };
-            let mut gen = gen;
+            let mut gen: RowOutput = gen;
             loop {
                 ep.steps += 1;
                 ep.tokens_in += gen.tokens_in;
@@ -102,6 +151,18 @@ impl Agent<'_> {
                 }
                 ep.output.push_str(&gen.text);
                 let parsed = parse_output(&gen.text);
+                if let Some(probe) = self.lens {
+                    let grid = E::image_grid(&seen.turn.input);
+                    let size = seen.screenshot.as_ref().map(|i| (i.width() as usize, i.height() as usize));
+                    ep.lens.push(probe.readout(
+                        ep.steps,
+                        gen.image_states.as_ref(),
+                        grid.zip(size),
+                        &seen.obs,
+                        &parsed.actions,
+                        px,
+                    )?);
+                }
                 let mut done = false;
                 if let Some(why) = parsed.failure {
                     ep.parse_failure = true;
@@ -126,8 +187,9 @@ impl Agent<'_> {
                     break;
                 }
                 let obs = sess.observe().await?;
-                let prompt = self.prompts.render(self.tokenizer, &obs, &ep.actions, None)?;
-                gen = self.generator.generate(vec![Row { prompt, coeff: arm.coeff }]).await?.remove(0);
+                seen = self.see(sess, obs, &ep.actions).await?;
+                let row = Row { input: seen.turn.input.clone(), coeff: arm.coeff };
+                gen = self.generator.generate(vec![row]).await?.remove(0);
             }
             ep.success = ep.raw_reward > 0.0;
             ep.wall_s = shared_s + t0.elapsed().as_secs_f64();

@@ -1,10 +1,10 @@
 //! One model serving many concurrent episodes: a generation thread that batches the rows of
-//! every pending request into one `generate` call with per-row steering coefficients
-//! (DESIGN.md §7). A request's rows always share a batch, so the baseline row and the steered
-//! rows of one episode decode together.
-use crate::models::generate::{self, GenerateConfig};
-use crate::models::hooks::{HookSpec, Positions};
-use crate::models::load::LoadedModel;
+//! every pending request into one [`Engine::generate`] call with per-row steering coefficients
+//! (DESIGN.md §7), for text models and VLMs alike. A request's rows always share a batch, so the
+//! baseline row and the steered rows of one episode decode together.
+use crate::models::engine::Engine;
+use crate::models::generate::GenerateConfig;
+use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::prefix_cache::{CacheStats, PrefixCache};
 use crate::steering::caa::{steering_spec, CoeffMode};
 use crate::steering::vector::SteeringVector;
@@ -13,10 +13,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// One row to generate: a rendered prompt and its steering coefficient (0 = baseline).
+/// One row to generate: a model input and its steering coefficient (0 = baseline).
 #[derive(Debug, Clone)]
-pub struct Row {
-    pub prompt: String,
+pub struct Row<I> {
+    pub input: I,
     pub coeff: f32,
 }
 
@@ -26,13 +26,15 @@ pub struct RowOutput {
     pub text: String,
     pub tokens_in: usize,
     pub tokens_out: usize,
-    /// Wall time of the batch this row was in.
-    pub batch_s: f64,
+    /// With [`GeneratorConfig::capture`]: the prompt's image states there (see [`Engine::generate`]).
+    pub image_states: Option<candle_core::Tensor>,
 }
 
-struct Request {
-    rows: Vec<Row>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<RowOutput>, String>>,
+type Reply = tokio::sync::oneshot::Sender<Result<Vec<RowOutput>, String>>;
+
+struct Request<I> {
+    rows: Vec<Row<I>>,
+    reply: Reply,
 }
 
 /// Steering applied by the generator: a vector, a layer and how coefficients are read.
@@ -53,6 +55,8 @@ pub struct GeneratorConfig {
     pub linger: Duration,
     /// Bound of the prefix cache shared by every request (MiB; 0 = off).
     pub prefix_cache_mb: usize,
+    /// Capture every row's image states at this point (the lens read-out; VLMs only).
+    pub capture: Option<HookPoint>,
 }
 
 /// Counters of the generation thread.
@@ -65,50 +69,50 @@ pub struct GenStats {
 }
 
 /// The client side: cheap to clone, usable from async tasks.
-#[derive(Clone)]
-pub struct Generator {
-    tx: mpsc::Sender<Request>,
+pub struct Generator<E: Engine> {
+    tx: mpsc::Sender<Request<E::Input>>,
 }
 
-impl Generator {
+impl<E: Engine> Clone for Generator<E> {
+    fn clone(&self) -> Self {
+        Generator { tx: self.tx.clone() }
+    }
+}
+
+impl<E: Engine> Generator<E> {
     /// Starts the generation thread. It stops when every [`Generator`] clone is dropped; join
     /// the handle to get its counters.
     pub fn spawn(
-        model: Arc<LoadedModel>,
+        model: Arc<E>,
         steering: Option<Steering>,
         cfg: GeneratorConfig,
-    ) -> (Generator, std::thread::JoinHandle<GenStats>) {
-        let (tx, rx) = mpsc::channel::<Request>();
+    ) -> (Generator<E>, std::thread::JoinHandle<GenStats>) {
+        let (tx, rx) = mpsc::channel::<Request<E::Input>>();
         let handle = std::thread::Builder::new()
             .name("generator".into())
-            .spawn(move || serve(&model, steering.as_ref(), &cfg, rx))
+            .spawn(move || serve(&*model, steering.as_ref(), &cfg, rx))
             .expect("spawning the generator thread");
         (Generator { tx }, handle)
     }
 
     /// Generates every row of `rows` in one batch (possibly with other requests' rows).
-    pub async fn generate(&self, rows: Vec<Row>) -> Result<Vec<RowOutput>> {
+    pub async fn generate(&self, rows: Vec<Row<E::Input>>) -> Result<Vec<RowOutput>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.send(Request { rows, reply }).map_err(|_| anyhow!("the generator thread has stopped"))?;
         rx.await.map_err(|_| anyhow!("the generator thread stopped before answering"))?.map_err(|e| anyhow!(e))
     }
 }
 
-fn serve(
-    model: &LoadedModel,
+fn serve<E: Engine>(
+    model: &E,
     steering: Option<&Steering>,
     cfg: &GeneratorConfig,
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Request<E::Input>>,
 ) -> GenStats {
     let mut stats = GenStats::default();
-    let gen_cfg = GenerateConfig {
-        max_new_tokens: cfg.max_new_tokens,
-        stop_ids: model.tokenizer.stop_token_ids(),
-        pad_id: model.tokenizer.pad_token_id().unwrap_or(0),
-        ..Default::default()
-    };
+    let gen_cfg = model.generate_config(cfg.max_new_tokens);
     let mut cache = PrefixCache::new(cfg.prefix_cache_mb);
-    let mut carry: Option<Request> = None;
+    let mut carry: Option<Request<E::Input>> = None;
     loop {
         let first = match carry.take() {
             Some(r) => r,
@@ -149,7 +153,7 @@ fn serve(
             }
         }
         let t0 = Instant::now();
-        let result = run_batch(model, steering, &gen_cfg, &batch, &mut cache);
+        let result = run_batch(model, steering, &gen_cfg, cfg.capture, &batch, &mut cache);
         let secs = t0.elapsed().as_secs_f64();
         stats.batches += 1;
         stats.rows += nrows as u64;
@@ -158,12 +162,7 @@ fn serve(
             Ok(mut outs) => {
                 for req in batch {
                     let rest = outs.split_off(req.rows.len());
-                    let mine = std::mem::replace(&mut outs, rest);
-                    let mine = mine.into_iter().map(|mut o| {
-                        o.batch_s = secs;
-                        o
-                    });
-                    let _ = req.reply.send(Ok(mine.collect()));
+                    let _ = req.reply.send(Ok(std::mem::replace(&mut outs, rest)));
                 }
             }
             Err(e) => {
@@ -176,16 +175,15 @@ fn serve(
     }
 }
 
-fn run_batch(
-    model: &LoadedModel,
+fn run_batch<E: Engine>(
+    model: &E,
     steering: Option<&Steering>,
     gen_cfg: &GenerateConfig,
-    batch: &[Request],
+    capture: Option<HookPoint>,
+    batch: &[Request<E::Input>],
     cache: &mut PrefixCache,
 ) -> Result<Vec<RowOutput>> {
-    let rows: Vec<&Row> = batch.iter().flat_map(|r| r.rows.iter()).collect();
-    let prompts: Vec<Vec<u32>> =
-        rows.iter().map(|r| model.tokenizer.encode(&r.prompt, false)).collect::<Result<_>>()?;
+    let rows: Vec<&Row<E::Input>> = batch.iter().flat_map(|r| r.rows.iter()).collect();
     let coeffs: Vec<f32> = rows.iter().map(|r| r.coeff).collect();
     let spec = match steering {
         Some(s) if coeffs.iter().any(|&c| c != 0.0) => {
@@ -198,15 +196,16 @@ fn run_batch(
             HookSpec::none()
         }
     };
-    let gens = generate::generate_shared(&model.decoder, &prompts, gen_cfg, &spec, Some(cache))?;
+    let inputs: Vec<&E::Input> = rows.iter().map(|r| &r.input).collect();
+    let gens = model.generate(&inputs, gen_cfg, &spec, cache, capture)?;
     gens.into_iter()
-        .zip(&prompts)
-        .map(|(g, p)| {
+        .zip(&inputs)
+        .map(|(g, input)| {
             Ok(RowOutput {
-                text: model.tokenizer.decode(&g.tokens, true)?,
-                tokens_in: p.len(),
-                tokens_out: g.tokens.len() + usize::from(g.stop.is_some()),
-                batch_s: 0.0,
+                text: model.tokenizer().decode(&g.generation.tokens, true)?,
+                tokens_in: E::ids(input).len(),
+                tokens_out: g.generation.tokens.len() + usize::from(g.generation.stop.is_some()),
+                image_states: g.image_states,
             })
         })
         .collect()

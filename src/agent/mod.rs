@@ -1,12 +1,15 @@
-//! The agent: prompt building (shared with the CAA vector), the action parser, the generation
-//! thread that batches rows across episodes, and the paired episode loop (DESIGN.md §1, §5).
+//! The agent: prompt building (shared with the CAA vector), the turn of each modality, the
+//! action parser, the generation thread that batches rows across episodes, and the paired
+//! episode loop (DESIGN.md §1, §5). One pipeline for text models and VLMs.
 pub mod episode;
 pub mod generator;
 pub mod parse;
 pub mod prompt;
-pub mod vlm;
+pub mod som;
+pub mod turn;
 
-pub use episode::{Agent, Arm, EpisodeOutcome};
+pub use episode::{Agent, Arm, Condition, EpisodeOutcome};
 pub use generator::{Generator, GeneratorConfig, Row, RowOutput, Steering};
 pub use parse::{parse_output, Parsed};
 pub use prompt::PromptBuilder;
+pub use turn::{AgentModel, Turn, View};

@@ -6,12 +6,14 @@
 //! request. It goes through the model's chat template with the generation prompt. No system turn:
 //! some chat templates (Gemma) reject one, and the user turn carries everything.
 //!
+//! Screenshot mode (a VLM): the same turn with the Set-of-Marks screenshot before the text, the
+//! screenshot's instruction in place of the text one and no element list.
+//!
 //! CAA training prompts are the same user turn followed by `"\n\n" + instruction` (the positive or
 //! the negative one of a prompt pair), exactly the shape of [`crate::steering::caa::pair_prompts`].
 use crate::env::{dom, Observation};
 use crate::models::tokenizer::{ChatMessage, Tokenizer};
-use crate::steering::pairs::PromptPair;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 /// The instruction and grammar that open every prompt.
@@ -22,6 +24,17 @@ click ref=N
 type ref=N text=\"TEXT\"
 select ref=N option=\"TEXT\"
 N is the ref number of an element in the list below.";
+
+/// The instruction of the screenshot observation (the text one, with the screenshot in place of
+/// the element list).
+pub const VLM_INSTRUCTION: &str =
+    "You are a web agent. Complete the task on the web page in the screenshot by answering with actions.
+Every element of the page is outlined and labelled [N], where N is its ref number.
+
+Actions (one per line, nothing else):
+click ref=N
+type ref=N text=\"TEXT\"
+select ref=N option=\"TEXT\"";
 
 /// The closing request.
 pub const ANSWER: &str = "Answer with the action line(s) only.";
@@ -40,10 +53,12 @@ impl Default for PromptBuilder {
 }
 
 impl PromptBuilder {
-    /// The user-turn text for an observation and the actions taken so far in the episode.
-    pub fn user_text(&self, obs: &Observation, history: &[String]) -> String {
+    /// The user-turn text for an observation and the actions taken so far in the episode: with
+    /// the element list (a text model), or for the screenshot beside it (`screenshot`: a VLM).
+    /// `suffix` (a CAA instruction) is appended after a blank line.
+    pub fn user_text(&self, obs: &Observation, history: &[String], screenshot: bool, suffix: Option<&str>) -> String {
         let mut s = String::with_capacity(2048);
-        s.push_str(INSTRUCTION);
+        s.push_str(if screenshot { VLM_INSTRUCTION } else { INSTRUCTION });
         s.push_str("\n\nTask: ");
         s.push_str(obs.utterance.trim());
         s.push('\n');
@@ -53,8 +68,10 @@ impl PromptBuilder {
                 s.push_str(&format!("{k}: {v}\n"));
             }
         }
-        s.push_str("\nPage elements:\n");
-        s.push_str(&dom::dom_to_text(&obs.elements, self.max_elements));
+        if !screenshot {
+            s.push_str("\nPage elements:\n");
+            s.push_str(&dom::dom_to_text(&obs.elements, self.max_elements));
+        }
         if !history.is_empty() {
             s.push_str("\nActions already taken:\n");
             for a in history {
@@ -64,18 +81,16 @@ impl PromptBuilder {
         }
         s.push('\n');
         s.push_str(ANSWER);
+        if let Some(sfx) = suffix {
+            s.push_str("\n\n");
+            s.push_str(sfx);
+        }
         s
     }
 
-    /// The chat messages of one model turn; `suffix` (a CAA instruction) is appended to the user
-    /// text after a blank line.
+    /// The chat messages of one text-model turn.
     pub fn messages(&self, obs: &Observation, history: &[String], suffix: Option<&str>) -> Vec<ChatMessage> {
-        let mut content = self.user_text(obs, history);
-        if let Some(sfx) = suffix {
-            content.push_str("\n\n");
-            content.push_str(sfx);
-        }
-        vec![ChatMessage::new("user", &content)]
+        vec![ChatMessage::new("user", &self.user_text(obs, history, false, suffix))]
     }
 
     /// The rendered prompt (chat template with the generation prompt).
@@ -87,27 +102,6 @@ impl PromptBuilder {
         suffix: Option<&str>,
     ) -> Result<String> {
         tok.apply_chat_template(&self.messages(obs, history, suffix), true)
-    }
-
-    /// Tokenized (positive, negative) CAA prompts for training observations.
-    pub fn caa_pairs(
-        &self,
-        tok: &Tokenizer,
-        observations: &[Observation],
-        pair: &PromptPair,
-    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        let (pos, neg) = match (&pair.positive, &pair.negative) {
-            (Some(p), Some(n)) => (p.as_str(), n.as_str()),
-            _ => bail!("pair `{}` is a composite; compute its members and combine them", pair.name),
-        };
-        observations
-            .iter()
-            .map(|o| {
-                let p = tok.encode(&self.render(tok, o, &[], Some(pos))?, false)?;
-                let n = tok.encode(&self.render(tok, o, &[], Some(neg))?, false)?;
-                Ok((p, n))
-            })
-            .collect()
     }
 }
 

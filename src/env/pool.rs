@@ -104,10 +104,11 @@ impl Pool {
 
     /// Runs `episode` on a pooled session; when it fails with a retryable error (the browser
     /// died), runs it again on a fresh session, up to `retries` more times.
-    pub async fn run<T, F, Fut>(&self, retries: usize, mut episode: F) -> Result<T, EnvError>
+    pub async fn run<T, Er, F, Fut>(&self, retries: usize, mut episode: F) -> Result<T, Er>
     where
         F: FnMut(PooledSession) -> Fut,
-        Fut: Future<Output = Result<T, EnvError>>,
+        Fut: Future<Output = Result<T, Er>>,
+        Er: Retryable + From<EnvError> + std::fmt::Display,
     {
         let mut attempt = 0;
         loop {
@@ -152,5 +153,23 @@ impl Drop for PooledSession {
             }
             // A dead session is dropped here: Browser's Drop kills its processes.
         }
+    }
+}
+
+/// An error that may mean "the browser died: run the episode again" ([`EnvError::is_retryable`]).
+pub trait Retryable {
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for EnvError {
+    fn is_retryable(&self) -> bool {
+        EnvError::is_retryable(self)
+    }
+}
+
+/// An episode's error chain: retryable when it holds a retryable [`EnvError`].
+impl Retryable for anyhow::Error {
+    fn is_retryable(&self) -> bool {
+        self.chain().any(|e| e.downcast_ref::<EnvError>().is_some_and(EnvError::is_retryable))
     }
 }

@@ -523,8 +523,8 @@ impl Session {
         }
     }
 
-    /// PNG of the task area (`#wrap`, 160×210 CSS px) at the browser's device scale.
-    pub async fn screenshot(&mut self) -> Result<Vec<u8>, EnvError> {
+    /// The task area (`#wrap`, 160×210 CSS px) at the browser's device scale, decoded.
+    pub async fn screenshot_image(&mut self) -> Result<image::RgbaImage, EnvError> {
         let rect = self.exec(WRAP_RECT_JS, vec![]).await?;
         let r: Vec<f64> = serde_json::from_value(rect).unwrap_or_default();
         self.check_alive()?;
@@ -540,18 +540,26 @@ impl Session {
         let (x, y) = (px(x).min(img.width().saturating_sub(1)), px(y).min(img.height().saturating_sub(1)));
         let w = px(w).min(img.width() - x).max(1);
         let h = px(h).min(img.height() - y).max(1);
-        let crop = img.crop_imm(x, y, w, h);
-        let mut out = Vec::new();
-        crop.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .map_err(|e| EnvError::WebDriver(format!("encoding the screenshot: {e}")))?;
-        Ok(out)
+        Ok(img.crop_imm(x, y, w, h).to_rgba8())
     }
 
-    /// Screenshot with Set-of-Marks boxes and `[ref]` labels for the elements of `obs`.
+    /// PNG of [`screenshot_image`](Self::screenshot_image).
+    pub async fn screenshot(&mut self) -> Result<Vec<u8>, EnvError> {
+        encode_png(self.screenshot_image().await?)
+    }
+
+    /// The screenshot with Set-of-Marks boxes and `[ref]` labels for the elements of `obs`,
+    /// decoded (what a VLM turn takes: no PNG round trip).
+    pub async fn som_image(&mut self, obs: &Observation) -> Result<image::RgbImage, EnvError> {
+        let img = self.screenshot_image().await?;
+        let marked = super::som::render(img, &obs.elements, self.cfg.browser.device_scale.max(1) as f32)
+            .map_err(|e| EnvError::Setup(format!("Set-of-Marks: {e}")))?;
+        Ok(image::DynamicImage::ImageRgba8(marked).to_rgb8())
+    }
+
+    /// PNG of [`som_image`](Self::som_image).
     pub async fn som_screenshot(&mut self, obs: &Observation) -> Result<Vec<u8>, EnvError> {
-        let png = self.screenshot().await?;
-        super::som::render_png(&png, &obs.elements, self.cfg.browser.device_scale.max(1) as f32)
-            .map_err(|e| EnvError::Setup(format!("Set-of-Marks: {e}")))
+        encode_png(self.som_image(obs).await?)
     }
 
     /// Device pixels per CSS pixel of [`Session::screenshot`].
@@ -741,6 +749,14 @@ const TYPE_CHUNK_CHARS: usize = 200;
 fn keyable(c: char) -> bool {
     let u = c as u32;
     u <= 0xFFFF && c != '\t' && !(0xE000..=0xF8FF).contains(&u)
+}
+
+fn encode_png(img: impl Into<image::DynamicImage>) -> Result<Vec<u8>, EnvError> {
+    let mut out = Vec::new();
+    img.into()
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| EnvError::WebDriver(format!("encoding the screenshot: {e}")))?;
+    Ok(out)
 }
 
 /// `text` split into runs of keyable characters and runs of the others, in order.

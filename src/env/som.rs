@@ -183,17 +183,6 @@ pub fn render(img: RgbaImage, elements: &[Element], scale: f32) -> Result<RgbaIm
     Ok(img)
 }
 
-/// PNG in, PNG out.
-pub fn render_png(png: &[u8], elements: &[Element], scale: f32) -> Result<Vec<u8>, String> {
-    let img = image::load_from_memory(png).map_err(|e| e.to_string())?.to_rgba8();
-    let out = render(img, elements, scale)?;
-    let mut buf = Vec::new();
-    image::DynamicImage::ImageRgba8(out)
-        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
-    Ok(buf)
-}
-
 /// A blank white task area (for tests and for observations without a browser).
 pub fn blank(width: u32, height: u32) -> RgbaImage {
     RgbaImage::from_pixel(width, height, Rgba([255, 255, 255, 255]))

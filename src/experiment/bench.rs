@@ -2,7 +2,8 @@
 //! one pair) through `run`'s code path, beside `scripts/peer/exp12_loop.py` (transformers + a
 //! forward hook + selenium, sequential baseline then steered) on the same tasks, seeds, vector,
 //! prompt text and token budget, in the same invocation.
-use super::run::{execute, Settings};
+use super::run::run_settings;
+use super::settings::Settings;
 use super::Shard;
 use crate::gpu::device::DTypeChoice;
 use crate::models::registry::{self, Location};
@@ -72,13 +73,14 @@ fn settings(
         layer: a.layer.clone(),
         coeffs: vec![a.coeff],
         coeff_mode: CoeffMode::Absolute,
-        prompt_type: "accuracy".into(),
+        pair: "accuracy".into(),
+        pairs: None,
         vector_method: Method::Prompt,
         train_steps: a.train_steps,
         eval_steps,
         seed,
         base_only: false,
-        tasks: super::run::parse_tasks(&a.tasks)?,
+        tasks: super::settings::parse_tasks(&a.tasks)?,
         vector,
         concurrency: a.concurrency,
         prefix_cache_mb,
@@ -98,11 +100,11 @@ pub fn run(a: BenchEpisodesArgs) -> Result<()> {
     // Warm-up (untimed): compute the vector, one seed per task on other seeds.
     let first_mb = *a.prefix_cache_mb.first().context("--prefix-cache-mb: give at least one bound")?;
     let warm = settings(&a, dir.path(), "warm", 1, 50_000, None, first_mb)?;
-    execute(&warm, Some(&vector), false).context("warm-up run")?;
+    run_settings(&warm, false, Some(&vector), false, None).context("warm-up run")?;
     let mut runs = Vec::new();
     for (i, &mb) in a.prefix_cache_mb.iter().enumerate() {
         let timed = settings(&a, dir.path(), &format!("bench-{i}"), a.seeds, 0, Some(vector.clone()), mb)?;
-        let ours = execute(&timed, None, false)?;
+        let ours = run_settings(&timed, false, None, false, None)?;
         runs.push((mb, timed, ours));
     }
     let (_, timed, ours) = &runs[0];

@@ -52,9 +52,11 @@ pub struct ExperimentFile {
     /// Steering coefficients; one run evaluates all of them beside one baseline.
     #[serde(default)]
     pub coeffs: Vec<f32>,
-    pub coeff_mode: Option<String>,
-    pub prompt_type: Option<String>,
-    pub vector_method: Option<String>,
+    pub coeff_mode: Option<crate::steering::caa::CoeffMode>,
+    /// The CAA prompt pair (`prompt_type` is exp12's name for it).
+    #[serde(alias = "prompt_type")]
+    pub pair: Option<String>,
+    pub vector_method: Option<crate::steering::caa::Method>,
     pub train_steps: Option<usize>,
     pub eval_steps: Option<usize>,
     pub seed: Option<u64>,
@@ -62,7 +64,7 @@ pub struct ExperimentFile {
     pub max_steps: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub concurrency: Option<usize>,
-    pub dtype: Option<String>,
+    pub dtype: Option<crate::gpu::device::DTypeChoice>,
 }
 
 impl ExperimentFile {

@@ -26,6 +26,13 @@ impl std::str::FromStr for DTypeChoice {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for DTypeChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e| serde::de::Error::custom(format!("dtype {s:?}: {e}")))
+    }
+}
+
 impl std::fmt::Display for DTypeChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -319,7 +319,7 @@ pub enum BenchModel {
 impl BenchModel {
     /// A Qwen2-VL model (registry modality or directory) loads with its vision tower.
     pub fn load(spec: &str, dev: &Device, dtype: crate::models::weights::WeightDType) -> Result<Self> {
-        if crate::experiment::vlm::is_vlm_model(spec) {
+        if crate::models::qwen2_vl::is_vlm_model(spec) {
             Ok(Self::Vlm(Box::new(Qwen2Vl::load(spec, dev, dtype)?)))
         } else {
             Ok(Self::Text(Box::new(LoadedModel::load(spec, dev, dtype)?)))

@@ -23,7 +23,7 @@ pub enum Loaded {
 
 impl Loaded {
     pub fn load(m: &ModelArgs) -> Result<Self> {
-        if crate::experiment::vlm::is_vlm_model(&m.model) {
+        if crate::models::qwen2_vl::is_vlm_model(&m.model) {
             let device = parse_device(&m.device)?;
             Ok(Loaded::Vlm(Box::new(Qwen2Vl::load(&m.model, &device, m.dtype.resolve_for(&device, &m.model))?)))
         } else {
@@ -183,13 +183,13 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
                 let r = async {
                     for &seed in &seeds {
                         let obs = s.reset(task, seed).await?;
-                        let (png, px) = if a.som {
+                        let (img, px) = if a.som {
                             let sc = s.device_scale() as f32;
-                            (s.som_screenshot(&obs).await?, sc * crate::env::som::enlargement(sc) as f32)
+                            (s.som_image(&obs).await?, sc * crate::env::som::enlargement(sc) as f32)
                         } else {
-                            (s.screenshot().await?, s.device_scale() as f32)
+                            let img = image::DynamicImage::ImageRgba8(s.screenshot_image().await?).to_rgb8();
+                            (img, s.device_scale() as f32)
                         };
-                        let img = image::load_from_memory(&png).context("decoding the screenshot")?.to_rgb8();
                         let texts: Vec<TextBox> = obs
                             .elements
                             .iter()
@@ -203,7 +203,9 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
                             "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts,
                             "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
                         let input = if a.agent_prompt {
-                            Some(crate::agent::vlm::turn_from_png(vlm, &png, &obs, &[], None)?.input)
+                            use crate::agent::AgentModel;
+                            let view = crate::agent::View { obs: &obs, screenshot: Some(&img), history: &[] };
+                            Some(vlm.turn(&crate::agent::PromptBuilder::default(), &view, None)?.input)
                         } else {
                             None
                         };

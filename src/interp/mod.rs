@@ -14,6 +14,7 @@ pub mod grounded;
 pub mod index;
 pub mod lens;
 pub mod plot;
+pub mod readout;
 
 use crate::models::hooks::HookPoint;
 use crate::models::registry;

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod decoder;
 pub mod determinism;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod hooks;

@@ -2,7 +2,7 @@
 //! prompts at `blocks.{l}.hook_resid_post`, reduced by mean (CAA) or first principal component.
 use super::pairs::PromptPair;
 use super::vector::{now, unit, SteeringVector, VectorMeta};
-use crate::models::generate::{self, GenerateConfig};
+use crate::models::engine::Engine;
 use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::load::LoadedModel;
 use crate::models::prefix_cache::{self, PrefixCache};
@@ -12,7 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Last token of the chat-formatted prompt; mean difference.
     Prompt,
@@ -20,6 +21,26 @@ pub enum Method {
     Response,
     /// Last prompt token; first principal component of the differences.
     Pca,
+}
+
+/// `FromStr` by the serde names (`--vector-method`, `--coeff-mode`).
+fn parse_named<T: serde::de::DeserializeOwned>(s: &str, what: &str, choices: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.trim().to_string()))
+        .map_err(|_| anyhow::anyhow!("{what} {s:?}: expected {choices}"))
+}
+
+impl std::str::FromStr for Method {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_named(s, "vector method", "prompt, response or pca")
+    }
+}
+
+impl std::str::FromStr for CoeffMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        parse_named(s, "coefficient mode", "absolute or relative")
+    }
 }
 
 impl Method {
@@ -71,10 +92,10 @@ fn progress(n: u64, what: &str) -> ProgressBar {
 /// Last-position hidden states `[hidden]` per layer for a list of (positive, negative) prompt
 /// rows, in order. Consecutive rows `2k`, `2k + 1` are one pair: they share the task prompt, so
 /// each pair's common prefix is prefilled once and forked (DESIGN.md §3), which roughly halves
-/// the prefill work. Rows without a partner run as one plain prefill.
-fn last_states(
-    model: &LoadedModel,
-    prompts: &[Vec<u32>],
+/// the prefill work. Rows without a partner run alone.
+fn last_states<E: Engine>(
+    model: &E,
+    prompts: &[E::Input],
     layers: &[usize],
     pb: &ProgressBar,
 ) -> Result<BTreeMap<usize, Vec<Tensor>>> {
@@ -82,12 +103,11 @@ fn last_states(
     for &l in layers {
         spec = spec.capture(HookPoint::ResidPost(l));
     }
-    let pad = model.tokenizer.pad_token_id().unwrap_or(0);
     let mut out: BTreeMap<usize, Vec<Tensor>> = layers.iter().map(|&l| (l, Vec::new())).collect();
     // Every training prompt starts with the same header and instructions.
     let mut cache = PrefixCache::new(prefix_cache::DEFAULT_MB);
     for chunk in prompts.chunks(2) {
-        let (_, states) = generate::last_states_shared(&model.decoder, chunk, pad, &spec, Some(&mut cache))?;
+        let states = model.last_states(chunk, &spec, &mut cache)?;
         for &l in layers {
             let last = states[&HookPoint::ResidPost(l)].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
             for r in 0..chunk.len() {
@@ -146,32 +166,28 @@ pub fn first_pc(diffs: &[Vec<f32>]) -> Result<Vec<f32>> {
     Ok(v.into_iter().map(|x| (sign * x / norm) as f32).collect())
 }
 
-/// Computes a steering vector from tokenized (positive, negative) prompt pairs.
-pub fn compute(
-    model: &LoadedModel,
-    pairs: &[(Vec<u32>, Vec<u32>)],
+/// Computes a steering vector from (positive, negative) model inputs: token ids for a text
+/// model, screenshot + text for a VLM (the residual stream is the LLM's either way).
+pub fn compute<E: Engine>(
+    model: &E,
+    pairs: &[(E::Input, E::Input)],
     pair_name: &str,
     opts: &CaaOptions,
 ) -> Result<SteeringVector> {
     if pairs.is_empty() {
         bail!("no training prompts");
     }
-    let mut prompts: Vec<Vec<u32>> = pairs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
+    let mut prompts: Vec<E::Input> = pairs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
     if opts.method == Method::Response {
         let pb = progress(prompts.len() as u64, "responses");
-        let cfg = GenerateConfig {
-            max_new_tokens: opts.response_tokens,
-            stop_ids: model.tokenizer.stop_token_ids(),
-            pad_id: model.tokenizer.pad_token_id().unwrap_or(0),
-            ..Default::default()
-        };
+        let cfg = model.generate_config(opts.response_tokens);
+        let mut cache = PrefixCache::new(prefix_cache::DEFAULT_MB);
         let mut with_resp = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(opts.batch_size.max(1)) {
-            let gens = generate::generate(&model.decoder, chunk, &cfg, &HookSpec::none(), &mut Default::default())?;
+            let rows: Vec<&E::Input> = chunk.iter().collect();
+            let gens = model.generate(&rows, &cfg, &HookSpec::none(), &mut cache, None)?;
             for (p, g) in chunk.iter().zip(gens) {
-                let mut ids = p.clone();
-                ids.extend(g.tokens);
-                with_resp.push(ids);
+                with_resp.push(E::append(p, &g.generation.tokens));
             }
             pb.inc(chunk.len() as u64);
         }
@@ -181,7 +197,7 @@ pub fn compute(
     let pb = progress(prompts.len() as u64, "activations");
     let states = last_states(model, &prompts, &opts.layers, &pb)?;
     pb.finish_and_clear();
-    let h = model.decoder.cfg.hidden_size;
+    let h = model.decoder().cfg.hidden_size;
     let mut layers = BTreeMap::new();
     let mut pre_norm = BTreeMap::new();
     let mut mean_resid_norm = BTreeMap::new();
@@ -208,7 +224,7 @@ pub fn compute(
         pre_norm.insert(l, n);
         layers.insert(l, dir);
     }
-    let info = &model.info;
+    let info = model.info();
     Ok(SteeringVector {
         layers,
         meta: VectorMeta {
@@ -228,7 +244,7 @@ pub fn compute(
 }
 
 /// How `--coeff` is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CoeffMode {
     /// α multiplies the unit vector directly.

@@ -52,7 +52,7 @@ pub struct ComputeArgs {
     /// Extra prompt-pair TOML.
     #[arg(long)]
     pub pairs: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "prompt")]
+    #[arg(long, default_value = "prompt")]
     pub method: Method,
     /// Layer(s): auto, N, or a comma-separated list.
     #[arg(long, default_value = "auto")]
@@ -144,19 +144,28 @@ fn compute(a: ComputeArgs) -> Result<()> {
         Some(names) => names.iter().map(|n| pairs::find(&all, n).cloned()).collect::<Result<_>>()?,
         None => vec![pair.clone()],
     };
-    let tasks = a.tasks.as_deref().map(crate::experiment::run::parse_tasks).transpose()?;
-    let mut vs = Vec::new();
-    for p in &members {
-        let prompts = match &tasks {
-            Some(tasks) => {
-                crate::experiment::vector::episode_pairs(&m, tasks, a.train_steps.unwrap_or(50), a.seed, p, 2)?
+    let tasks = a.tasks.as_deref().map(crate::experiment::settings::parse_tasks).transpose()?;
+    let v = match &tasks {
+        // The runner's own vector computation, on its training observations.
+        Some(tasks) => {
+            let views =
+                crate::experiment::vectors::training_views_blocking(tasks, a.train_steps.unwrap_or(50), a.seed, 2)?;
+            crate::experiment::vectors::compute(&m, &views, &all, &pair.name, &opts)?
+        }
+        None => {
+            let mut vs = Vec::new();
+            for p in &members {
+                let prompts = caa::pair_prompts(&m, &texts, p)?;
+                tracing::info!(pair = %p.name, samples = prompts.len(), method = a.method.name(), "computing vector");
+                vs.push(caa::compute(&m, &prompts, &p.name, &opts)?);
             }
-            None => caa::pair_prompts(&m, &texts, p)?,
-        };
-        tracing::info!(pair = %p.name, samples = prompts.len(), method = a.method.name(), "computing vector");
-        vs.push(caa::compute(&m, &prompts, &p.name, &opts)?);
-    }
-    let v = if vs.len() == 1 { vs.pop().unwrap() } else { SteeringVector::combine(&vs, &pair.name)? };
+            if vs.len() == 1 {
+                vs.pop().unwrap()
+            } else {
+                SteeringVector::combine(&vs, &pair.name)?
+            }
+        }
+    };
     v.save(&out)?;
     eprintln!(
         "wrote {} (pair {}, method {}, layers {:?}, {} samples)",

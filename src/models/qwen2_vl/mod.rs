@@ -11,3 +11,20 @@ pub mod vision;
 pub use config::Qwen2VlConfig;
 pub use model::{Prefilled, Qwen2Vl, VlmInput};
 pub use processor::{process, smart_resize, ProcessorConfig};
+
+use super::registry::{self, Location, Modality};
+
+/// Does a `--model` spec name a vision-language model (registry modality, or a Qwen2-VL
+/// directory)?
+pub fn is_vlm_model(spec: &str) -> bool {
+    if let Some(e) = registry::lookup(spec) {
+        return e.modality == Modality::Vision;
+    }
+    match registry::resolve(spec) {
+        Ok(r) => match r.location {
+            Location::Dir(d) => config::is_qwen_vl_dir(&d),
+            Location::Gguf(_) => false,
+        },
+        Err(_) => false,
+    }
+}

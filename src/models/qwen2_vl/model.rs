@@ -32,7 +32,7 @@ pub struct Qwen2Vl {
 }
 
 /// One prompt row: token ids (image pads already expanded) and its processed images in order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VlmInput {
     pub ids: Vec<u32>,
     pub images: Vec<Processed>,
@@ -366,61 +366,93 @@ impl Qwen2Vl {
         self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut caps)
     }
 
-    /// [`generate_forked`](Self::generate_forked) that also returns the states of row 0 at
-    /// `points` over the prompt's columns but the last (`[1, n-1, hidden]` each): what the lens
-    /// read-out of `run --vlm --lens` needs, taken from the prefill the generation does anyway.
-    pub fn generate_forked_captured(
+    /// Greedy generation for rows that may come from different episodes: each distinct input
+    /// (the baseline and steered rows of one episode share one) is prefilled once without its
+    /// last token and without hooks, in one left-padded batch (identical images go through the
+    /// vision tower once), its KV cache forked into its rows, and the last prompt token of every
+    /// row runs with the per-row hooks of `spec` (which must act at `last` positions). Same bits
+    /// as [`generate`](Self::generate) on the rows (docs/determinism.md). With `capture`, each
+    /// row also gets its input's states at that point at the image positions, `[image tokens,
+    /// hidden]` in f32 (the lens read-out of `run --vlm --lens`, from the prefill done anyway).
+    pub fn generate_rows(
         &self,
-        input: &VlmInput,
-        rows: usize,
+        rows: &[&VlmInput],
         cfg: &GenerateConfig,
         spec: &HookSpec,
-        points: &[crate::models::hooks::HookPoint],
-    ) -> Result<(Vec<Generation>, Captures)> {
-        let n = input.ids.len();
-        let last_is_image = input.ids.last() == Some(&self.cfg.image_token_id);
-        if rows < 2 || n < 2 || last_is_image {
-            // Unforked: capture in the batched prefill (decode-step captures are appended after it).
-            let mut full = spec.clone();
-            full.captures.extend_from_slice(points);
-            let mut caps = Captures::default();
-            let batch = vec![input.clone(); rows];
-            let Prefilled { logits, mut state, deltas, lens } = self.prefill(&batch, &full, &mut caps, false)?;
-            let mut out = Captures::default();
-            for &p in points {
-                out.tensors.insert(p, vec![caps.get(p)?.narrow(0, 0, 1)?.narrow(1, 0, n - 1)?]);
+        capture: Option<crate::models::hooks::HookPoint>,
+    ) -> Result<(Vec<Generation>, Vec<Option<Tensor>>)> {
+        if rows.is_empty() {
+            return Ok((vec![], vec![]));
+        }
+        let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
+        crate::gpu::memory::guard(&self.decoder, &ids, cfg.max_new_tokens, spec)?;
+        let mut unique: Vec<&VlmInput> = Vec::new();
+        let mut row_of = Vec::with_capacity(rows.len());
+        for r in rows {
+            match unique.iter().position(|u| *u == *r) {
+                Some(i) => row_of.push(i),
+                None => {
+                    row_of.push(unique.len());
+                    unique.push(r);
+                }
             }
+        }
+        let image = self.cfg.image_token_id;
+        let forkable = unique.iter().all(|u| u.ids.len() >= 2 && u.ids.last() != Some(&image))
+            && spec.interventions.iter().all(|iv| iv.positions == crate::models::hooks::Positions::Last);
+        // Batch row `b`'s states at the capture point at the image positions of `input`, whose
+        // columns start after `pad` columns of padding: `[image tokens, hidden]`, f32 on the CPU.
+        let grab = |caps: &Captures, b: usize, pad: usize, input: &VlmInput| -> Result<Option<Tensor>> {
+            let Some(p) = capture else { return Ok(None) };
+            let cols: Vec<u32> =
+                (0..input.ids.len() - 1).filter(|&c| input.ids[c] == image).map(|c| (pad + c) as u32).collect();
+            let idx = Tensor::from_vec(cols.clone(), cols.len(), self.device())?;
+            let t = caps.get(p)?.narrow(0, b, 1)?.squeeze(0)?.index_select(&idx, 0)?;
+            Ok(Some(t.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?))
+        };
+        if !forkable {
+            // Every row prefilled as it is, hooks included (decode-step captures follow it).
+            let mut full = spec.clone();
+            full.captures.extend(capture);
+            let mut caps = Captures::default();
+            let batch: Vec<VlmInput> = rows.iter().map(|r| (*r).clone()).collect();
+            let Prefilled { logits, mut state, deltas, lens } = self.prefill(&batch, &full, &mut caps, false)?;
+            let states =
+                (0..rows.len()).map(|r| grab(&caps, r, state.left_pad[r], rows[r])).collect::<Result<Vec<_>>>()?;
             let gens = self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut Captures::default())?;
-            return Ok((gens, out));
+            return Ok((gens, states));
         }
-        if spec.interventions.iter().any(|iv| iv.positions != crate::models::hooks::Positions::Last) {
-            bail!("forked generation needs every intervention at the `last` positions");
-        }
+        let prefixes: Vec<VlmInput> = unique
+            .iter()
+            .map(|u| VlmInput { ids: u.ids[..u.ids.len() - 1].to_vec(), images: u.images.clone() })
+            .collect();
+        let prefix_spec = capture.iter().fold(HookSpec::none(), |s, &p| s.capture(p));
         let mut prefix_caps = Captures::default();
-        let prefix = VlmInput { ids: input.ids[..n - 1].to_vec(), images: input.images.clone() };
-        let prefix_spec = points.iter().fold(HookSpec::none(), |s, &p| s.capture(p));
-        let pre = self.prefill(std::slice::from_ref(&prefix), &prefix_spec, &mut prefix_caps, false)?;
+        let pre = self.prefill(&prefixes, &prefix_spec, &mut prefix_caps, false)?;
+        let unique_states = (0..unique.len())
+            .map(|u| grab(&prefix_caps, u, pre.state.left_pad[u], unique[u]))
+            .collect::<Result<Vec<_>>>()?;
+        let mut state = pre.state.select_rows(&row_of)?;
+        // The last prompt token is text: its position is column + the full prompt's delta,
+        // what decode_step computes.
+        let mut deltas_u = Vec::with_capacity(unique.len());
+        for u in &unique {
+            let full = rope::mrope_positions(&u.ids, &u.grids(), image, self.cfg.vision.spatial_merge_size)?;
+            deltas_u.push(full.delta);
+        }
+        let deltas: Vec<i64> = row_of.iter().map(|&u| deltas_u[u]).collect();
+        let last: Vec<u32> = row_of.iter().map(|&u| *unique[u].ids.last().expect("checked above")).collect();
         let mut caps = Captures::default();
-        let mut state = pre.state.select_rows(&vec![0; rows])?;
-        // The prefix's delta holds for the last prompt token (text): its position is
-        // column + delta, what decode_step computes.
-        let full = rope::mrope_positions(
-            &input.ids,
-            &input.grids(),
-            self.cfg.image_token_id,
-            self.cfg.vision.spatial_merge_size,
-        )?;
-        let deltas = vec![full.delta; rows];
-        let logits = self.decode_step(&vec![input.ids[n - 1]; rows], &mut state, &deltas, spec, &mut caps)?;
-        let gens = self.decode_loop(logits, &mut state, &deltas, vec![n; rows], cfg, spec, &mut caps)?;
-        Ok((gens, prefix_caps))
+        let logits = self.decode_step(&last, &mut state, &deltas, spec, &mut caps)?;
+        let lens = row_of.iter().map(|&u| unique[u].ids.len()).collect();
+        let gens = self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut caps)?;
+        Ok((gens, row_of.iter().map(|&u| unique_states[u].clone()).collect()))
     }
 
     /// `rows` copies of one prompt whose hooks act only from its last token on (the `last`
-    /// selector: baseline and steered rows of one episode): the prompt but its last token is
-    /// prefilled once without hooks (one pass through the vision tower and the LLM), the KV cache
-    /// is forked into the rows, and the last token runs with the per-row hooks. Same result as
-    /// [`generate`](Self::generate) on `rows` copies, at about 1/rows of the prefill cost.
+    /// selector: baseline and steered rows of one episode), through [`generate_rows`]
+    /// (Self::generate_rows): one prefill of the prompt but its last token, forked. Same result
+    /// as [`generate`](Self::generate) on `rows` copies, at about 1/rows of the prefill cost.
     pub fn generate_forked(
         &self,
         input: &VlmInput,
@@ -428,7 +460,7 @@ impl Qwen2Vl {
         cfg: &GenerateConfig,
         spec: &HookSpec,
     ) -> Result<Vec<Generation>> {
-        Ok(self.generate_forked_captured(input, rows, cfg, spec, &[])?.0)
+        Ok(self.generate_rows(&vec![input; rows], cfg, spec, None)?.0)
     }
 
     #[allow(clippy::too_many_arguments)] // the decode state of one generation, in pieces

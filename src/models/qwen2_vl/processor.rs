@@ -213,7 +213,7 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
 }
 
 /// One processed image: `rows` patches of `patch_dim` values, and its `[t, h, w]` patch grid.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Processed {
     pub pixel_values: Vec<f32>,
     pub grid_thw: [usize; 3],

@@ -1,0 +1,270 @@
+//! The run's steering vector: a `--vector` file (checked before anything starts), or CAA from
+//! MiniWoB training observations through the model's own turns (the prompts evaluation uses, with
+//! the pair's instruction appended), cached under `<out dir>/vectors/` and published without
+//! clobbering (when another shard wrote it first, that one is used, so every shard records the
+//! same vector hash).
+use super::plan;
+use super::results::ResultsFile;
+use super::settings::Settings;
+use crate::agent::turn::{AgentModel, View};
+use crate::agent::PromptBuilder;
+use crate::env::{EnvError, Observation, Pool};
+use crate::models::load::ModelInfo;
+use crate::steering::caa::{self, CaaOptions};
+use crate::steering::pairs;
+use crate::steering::vector::SteeringVector;
+use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A training observation and, for a VLM, its Set-of-Marks screenshot.
+pub struct TrainingView {
+    pub obs: Observation,
+    pub screenshot: Option<RgbImage>,
+}
+
+/// Observations of the training episodes (reset only; screenshots when `screenshot`), in order.
+pub async fn training_views(pool: &Pool, items: &[(String, u64)], screenshot: bool) -> Result<Vec<TrainingView>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (task, seed)) in items.iter().cloned().enumerate() {
+        let pool = pool.clone();
+        set.spawn(async move {
+            let view = pool
+                .run(3, |mut s| {
+                    let task = task.clone();
+                    async move {
+                        let obs = s.reset(&task, seed).await?;
+                        let screenshot = if screenshot { Some(s.som_image(&obs).await?) } else { None };
+                        Ok::<_, EnvError>(TrainingView { obs, screenshot })
+                    }
+                })
+                .await?;
+            Ok::<_, EnvError>((i, view))
+        });
+    }
+    let mut out: Vec<Option<TrainingView>> = (0..items.len()).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, v) = r.context("training episode task")??;
+        out[i] = Some(v);
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// [`training_views`] (text only) of `train_steps` training episodes spread over `tasks`, seeds
+/// drawn from an RNG seeded with `seed` (disjoint from `run`'s evaluation seeds), on its own
+/// browser pool (`vector --tasks`).
+pub fn training_views_blocking(
+    tasks: &[String],
+    train_steps: usize,
+    seed: u64,
+    concurrency: usize,
+) -> Result<Vec<TrainingView>> {
+    if train_steps == 0 {
+        bail!("--train-steps 0: a steering vector needs training episodes");
+    }
+    let items = plan::training_items(tasks, train_steps, seed);
+    let views = super::evaluate::runtime()?.block_on(async {
+        let pool = Pool::new(concurrency.max(1), super::evaluate::env_config()).await?;
+        let v = training_views(&pool, &items, false).await;
+        pool.shutdown().await;
+        v
+    })?;
+    tracing::info!(episodes = views.len(), tasks = tasks.len(), "training observations");
+    Ok(views)
+}
+
+/// (positive, negative) inputs of `model` for every training view: the evaluation turn with the
+/// pair's positive or negative instruction appended.
+pub fn pair_inputs<E: AgentModel>(
+    model: &E,
+    views: &[TrainingView],
+    pair: &pairs::PromptPair,
+) -> Result<Vec<(E::Input, E::Input)>> {
+    let (pos, neg) = match (&pair.positive, &pair.negative) {
+        (Some(p), Some(n)) => (p.as_str(), n.as_str()),
+        _ => bail!("pair `{}` is a composite; compute its members and combine them", pair.name),
+    };
+    let prompts = PromptBuilder::default();
+    views
+        .iter()
+        .map(|v| {
+            let view = View { obs: &v.obs, screenshot: v.screenshot.as_ref(), history: &[] };
+            Ok((model.turn(&prompts, &view, Some(pos))?.input, model.turn(&prompts, &view, Some(neg))?.input))
+        })
+        .collect()
+}
+
+/// The members of `pair` (itself, or the pairs a composite combines).
+fn members(all: &[pairs::PromptPair], pair: &pairs::PromptPair) -> Result<Vec<pairs::PromptPair>> {
+    match &pair.combine {
+        Some(names) => names.iter().map(|n| pairs::find(all, n).cloned()).collect(),
+        None => Ok(vec![pair.clone()]),
+    }
+}
+
+/// CAA at `layer` from training views: one vector per member of the pair, combined for a
+/// composite.
+pub fn compute<E: AgentModel>(
+    model: &E,
+    views: &[TrainingView],
+    all: &[pairs::PromptPair],
+    pair_name: &str,
+    opts: &CaaOptions,
+) -> Result<SteeringVector> {
+    let pair = pairs::find(all, pair_name)?;
+    let mut vs = Vec::new();
+    for p in members(all, pair)? {
+        vs.push(caa::compute(model, &pair_inputs(model, views, &p)?, &p.name, opts)?);
+    }
+    if vs.len() == 1 {
+        Ok(vs.pop().expect("one vector"))
+    } else {
+        SteeringVector::combine(&vs, &pair.name)
+    }
+}
+
+/// Where a computed vector is cached: `--vector-cache`, else `<out dir>/vectors/…` named by
+/// everything it depends on.
+pub fn cache_path(s: &Settings, explicit: Option<&Path>, layer: usize, model: &str, vlm: bool) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let dir = s.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("vectors");
+    let safe: String =
+        model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let pairs = match pairs_hash(s)? {
+        Some(h) => format!("_p{h}"),
+        None => String::new(),
+    };
+    Ok(dir.join(format!(
+        "{safe}{}_{}_{}_L{layer}_n{}_s{}{pairs}.safetensors",
+        if vlm { "_vlm" } else { "" },
+        s.pair,
+        s.vector_method.name(),
+        s.train_steps,
+        s.seed
+    )))
+}
+
+/// Hash of the `--pairs` file, when one is given (it can redefine the pair's instructions).
+pub fn pairs_hash(s: &Settings) -> Result<Option<String>> {
+    match &s.pairs {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("reading --pairs {}", p.display()))?;
+            Ok(Some(crate::agent::prompt::hash16(&String::from_utf8_lossy(&bytes))))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Computes the run's vector at `layer` from MiniWoB training episodes and publishes it at
+/// `path` without clobbering: when another process wrote the file first, that one is returned.
+pub async fn compute_and_publish<E: AgentModel>(
+    pool: &Pool,
+    model: &E,
+    s: &Settings,
+    layer: usize,
+    path: &Path,
+) -> Result<SteeringVector> {
+    let all = pairs::load(s.pairs.as_deref())?;
+    pairs::find(&all, &s.pair)?;
+    if s.train_steps == 0 {
+        bail!("--train-steps 0: a steering vector needs training episodes (or pass --vector FILE, or --base-only)");
+    }
+    let items = plan::training_items(&s.tasks, s.train_steps, s.seed);
+    let t0 = Instant::now();
+    let views = training_views(pool, &items, E::SCREENSHOT).await?;
+    tracing::info!(episodes = views.len(), "training observations in {:.1}s", t0.elapsed().as_secs_f64());
+    let opts = CaaOptions { layers: vec![layer], method: s.vector_method, batch_size: 4, response_tokens: 32 };
+    let v = compute(model, &views, &all, &s.pair, &opts)?;
+    tracing::info!("vector computed in {:.1}s", t0.elapsed().as_secs_f64());
+    publish(&v, path)
+}
+
+/// Writes `v` to `path` unless the file exists (then the existing vector is returned).
+pub fn publish(v: &SteeringVector, path: &Path) -> Result<SteeringVector> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile_in(dir)?;
+    v.save(tmp.path())?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(v.clone()),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            tracing::info!("{} appeared meanwhile (another shard); using it", path.display());
+            SteeringVector::load(path)
+        }
+        Err(e) => Err(e.error).with_context(|| format!("saving {}", path.display())),
+    }
+}
+
+/// The run's vector at `layer`: the given one, else the cached one, else computed now. Returns
+/// (vector, path, hash) after checking it against the model and the layer.
+pub async fn resolve<E: AgentModel>(
+    pool: &Pool,
+    model: &E,
+    s: &Settings,
+    layer: usize,
+    given: Option<(SteeringVector, PathBuf, String)>,
+    explicit_cache: Option<&Path>,
+) -> Result<(SteeringVector, PathBuf, String)> {
+    let (v, path, hash) = match given {
+        Some(g) => g,
+        None => {
+            let path = cache_path(s, explicit_cache, layer, &model.info().name, E::SCREENSHOT)?;
+            let v = if path.is_file() {
+                tracing::info!("using the cached vector {}", path.display());
+                SteeringVector::load(&path)?
+            } else {
+                compute_and_publish(pool, model, s, layer, &path).await?
+            };
+            v.check_model(model.info(), false).with_context(|| format!("vector {}", path.display()))?;
+            let hash = v.content_hash()?;
+            (v, path, hash)
+        }
+    };
+    v.layer(layer)?;
+    Ok((v, path, hash))
+}
+
+/// A `--vector` file, read and checked before the model loads and browsers start (a bad file
+/// fails in a second, not after minutes of setup): (vector, path, file hash).
+pub fn given_vector(s: &Settings) -> Result<Option<(SteeringVector, PathBuf, String)>> {
+    match (&s.vector, s.base_only) {
+        (Some(p), false) => Ok(Some((SteeringVector::load(p)?, p.clone(), SteeringVector::file_hash(p)?))),
+        _ => Ok(None),
+    }
+}
+
+/// Checks a given vector against the loaded model and the layer, with the file named.
+pub fn check_given_vector(
+    given: &Option<(SteeringVector, PathBuf, String)>,
+    info: &ModelInfo,
+    layer: Option<usize>,
+    allow_foreign: bool,
+) -> Result<()> {
+    if let Some((v, p, _)) = given {
+        let ctx = || format!("--vector {}", p.display());
+        v.check_model(info, allow_foreign).with_context(ctx)?;
+        if let Some(l) = layer {
+            v.layer(l).with_context(ctx)?;
+        }
+    }
+    Ok(())
+}
+
+/// Lines of this configuration in the file with another vector hash than this run's vector:
+/// the vector cache was replaced since they were written.
+pub fn check_vector_hash(results: &ResultsFile, hash: Option<&str>, path: &Path) -> Result<()> {
+    let Some(h) = hash else { return Ok(()) };
+    if let Some(l) = results.lines.iter().find(|l| l.vector_hash.as_deref().is_some_and(|x| x != h)) {
+        bail!(
+            "{}: its lines of this configuration were made with vector {}, but this run's vector ({}) is {h}; \
+             use another --out (or bring back the vector they used)",
+            results.path().display(),
+            l.vector_hash.as_deref().unwrap_or("-"),
+            path.display()
+        );
+    }
+    Ok(())
+}

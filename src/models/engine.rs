@@ -1,0 +1,179 @@
+//! One interface over every model the harness drives (the text decoder and Qwen2-VL): a batch of
+//! rows, each an input and its own steering coefficients in a [`HookSpec`], becomes one
+//! generation per row. The episode pipeline, the generation thread and CAA are written once
+//! against this trait; what differs between modalities (how an input is prefilled, how rows with
+//! the same input share that prefill) lives in the two implementations.
+use super::decoder::Decoder;
+use super::generate::{self, GenerateConfig, Generation};
+use super::hooks::{HookPoint, HookSpec};
+use super::load::{LoadedModel, ModelInfo};
+use super::prefix_cache::PrefixCache;
+use super::qwen2_vl::{Qwen2Vl, VlmInput};
+use super::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+
+/// What one call of [`Engine::generate`] returns per row.
+pub struct RowGeneration {
+    pub generation: Generation,
+    /// With a capture point: the row's states there at its image positions, `[image tokens,
+    /// hidden]` in f32 (what a lens reads; the same for rows with the same input).
+    pub image_states: Option<Tensor>,
+}
+
+/// A model that turns rows of inputs into generations and hidden states.
+pub trait Engine: Send + Sync + 'static {
+    /// One row's prompt: token ids, and for a VLM its processed images.
+    type Input: Clone + PartialEq + Send + Sync + 'static;
+
+    fn info(&self) -> &ModelInfo;
+    fn tokenizer(&self) -> &Tokenizer;
+    /// The language model (hooks, steering vectors and `--layer` refer to its layers).
+    fn decoder(&self) -> &Decoder;
+    /// Token ids of an input (image pads expanded).
+    fn ids(input: &Self::Input) -> &[u32];
+    /// The input followed by `tokens` (a prompt and its response).
+    fn append(input: &Self::Input, tokens: &[u32]) -> Self::Input;
+
+    /// Generates every row in one batch; `spec`'s per-row coefficients index `rows`. Rows with
+    /// equal inputs share one prefill when the spec only acts at `last` positions, and `cache`
+    /// may serve prompt prefixes; neither changes a bit of any row (docs/determinism.md).
+    fn generate(
+        &self,
+        rows: &[&Self::Input],
+        cfg: &GenerateConfig,
+        spec: &HookSpec,
+        cache: &mut PrefixCache,
+        capture: Option<HookPoint>,
+    ) -> Result<Vec<RowGeneration>>;
+
+    /// The states at every capture point of `spec` (captures only) at each row's last prompt
+    /// position: `[rows, hidden]` per point. The rows of one call usually share a prefix (the
+    /// positive and negative prompts of one CAA pair).
+    fn last_states(
+        &self,
+        rows: &[Self::Input],
+        spec: &HookSpec,
+        cache: &mut PrefixCache,
+    ) -> Result<BTreeMap<HookPoint, Tensor>>;
+
+    /// The generation settings of this model's agent turns.
+    fn generate_config(&self, max_new_tokens: usize) -> GenerateConfig {
+        let tok = self.tokenizer();
+        GenerateConfig {
+            max_new_tokens,
+            stop_ids: tok.stop_token_ids(),
+            pad_id: tok.pad_token_id().unwrap_or(0),
+            ..Default::default()
+        }
+    }
+}
+
+impl Engine for LoadedModel {
+    type Input = Vec<u32>;
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+    fn ids(input: &Vec<u32>) -> &[u32] {
+        input
+    }
+    fn append(input: &Vec<u32>, tokens: &[u32]) -> Vec<u32> {
+        let mut v = input.clone();
+        v.extend_from_slice(tokens);
+        v
+    }
+
+    fn generate(
+        &self,
+        rows: &[&Vec<u32>],
+        cfg: &GenerateConfig,
+        spec: &HookSpec,
+        cache: &mut PrefixCache,
+        capture: Option<HookPoint>,
+    ) -> Result<Vec<RowGeneration>> {
+        if let Some(p) = capture {
+            bail!("capturing image states at `{p}` needs a vision-language model");
+        }
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|r| (*r).clone()).collect();
+        let gens = generate::generate_shared(&self.decoder, &prompts, cfg, spec, Some(cache))?;
+        Ok(gens.into_iter().map(|generation| RowGeneration { generation, image_states: None }).collect())
+    }
+
+    fn last_states(
+        &self,
+        rows: &[Vec<u32>],
+        spec: &HookSpec,
+        cache: &mut PrefixCache,
+    ) -> Result<BTreeMap<HookPoint, Tensor>> {
+        let pad = self.tokenizer.pad_token_id().unwrap_or(0);
+        Ok(generate::last_states_shared(&self.decoder, rows, pad, spec, Some(cache))?.1)
+    }
+}
+
+impl Engine for Qwen2Vl {
+    type Input = VlmInput;
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+    fn ids(input: &VlmInput) -> &[u32] {
+        &input.ids
+    }
+    fn append(input: &VlmInput, tokens: &[u32]) -> VlmInput {
+        let mut v = input.clone();
+        v.ids.extend_from_slice(tokens);
+        v
+    }
+
+    fn generate(
+        &self,
+        rows: &[&VlmInput],
+        cfg: &GenerateConfig,
+        spec: &HookSpec,
+        _cache: &mut PrefixCache,
+        capture: Option<HookPoint>,
+    ) -> Result<Vec<RowGeneration>> {
+        let (gens, states) = self.generate_rows(rows, cfg, spec, capture)?;
+        Ok(gens
+            .into_iter()
+            .zip(states)
+            .map(|(generation, image_states)| RowGeneration { generation, image_states })
+            .collect())
+    }
+
+    fn last_states(
+        &self,
+        rows: &[VlmInput],
+        spec: &HookSpec,
+        _cache: &mut PrefixCache,
+    ) -> Result<BTreeMap<HookPoint, Tensor>> {
+        if !spec.interventions.is_empty() {
+            bail!("last_states takes captures only, found {} interventions", spec.interventions.len());
+        }
+        let mut caps = super::hooks::Captures::default();
+        self.prefill(rows, spec, &mut caps, false)?;
+        spec.captures
+            .iter()
+            .map(|&p| {
+                let h = caps.get(p)?;
+                let seq = h.dim(1)?;
+                // Left padding: the last column is every row's last prompt token.
+                Ok((p, h.narrow(1, seq - 1, 1)?.squeeze(1)?))
+            })
+            .collect()
+    }
+}
