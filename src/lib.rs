@@ -1,10 +1,9 @@
 //! miniwob-steer: activation-steering experiments on language and vision-language models
 //! acting as MiniWoB++ web agents. See DESIGN.md for the architecture.
 pub mod agent;
-pub mod bench;
+pub mod device;
 pub mod env;
 pub mod experiment;
-pub mod gpu;
 pub mod interp;
 pub mod models;
 pub mod steering;

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use miniwob_steer::gpu::goldens::{self, GgufSelection};
+use miniwob_steer::models::goldens::{self, GgufSelection};
 use miniwob_steer::models::WeightDType;
 use std::path::Path;
 use std::process::Command;
@@ -168,7 +168,7 @@ fn bench_paired_vlm_workload_has_the_image_and_prompt_tokens() {
         "<|image_pad|>".repeat(image_tokens as usize)
     ));
     let tail = enc("<|im_end|>\n<|im_start|>assistant\n");
-    let filler = enc(miniwob_steer::gpu::paired::VLM_FILLER);
+    let filler = enc(miniwob_steer::models::workload::VLM_FILLER);
     let n_text = 487 - head.len() - tail.len();
     let ids: Vec<u32> =
         head.iter().copied().chain((0..n_text).map(|i| filler[i % filler.len()])).chain(tail.iter().copied()).collect();

@@ -3,9 +3,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use miniwob_steer::gpu::goldens;
 use miniwob_steer::models::decoder::Decoder;
 use miniwob_steer::models::generate::{self, GenerateConfig};
+use miniwob_steer::models::goldens;
 use miniwob_steer::models::load::decoder_from_dir;
 use miniwob_steer::models::{Captures, HookPoint, HookSpec, Positions, StepInfo, WeightDType};
 use std::collections::HashMap;
@@ -58,7 +58,7 @@ fn all_points(n: usize) -> HookSpec {
     s
 }
 
-/// The comparisons themselves live in the library (`miniwob_steer::gpu::goldens`), shared with
+/// The comparisons themselves live in the library (`miniwob_steer::models::goldens`), shared with
 /// `miniwob-steer check-goldens` on a GPU; these tests run them on the CPU in f32.
 fn tiny_checks(fam: &str, keep: impl Fn(&str) -> bool) {
     let rows = goldens::check_tiny(&common::fixture(fam), &Device::Cpu, WeightDType::F32).unwrap();

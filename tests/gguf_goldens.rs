@@ -7,10 +7,10 @@
 mod common;
 
 use candle_core::Device;
-use miniwob_steer::gpu::goldens;
+use miniwob_steer::models::goldens;
 use miniwob_steer::models::WeightDType;
 
-/// The comparison lives in the library (`miniwob_steer::gpu::goldens::check_gguf`), shared with
+/// The comparison lives in the library (`miniwob_steer::models::goldens::check_gguf`), shared with
 /// `miniwob-steer check-goldens` on a GPU.
 fn check(alias: &str, fixture: &str, dtype: WeightDType, min_cos: f64, same_greedy: bool) {
     // A missing model is a broken setup here (scripts/test.sh runs setup.sh first), not a skip.

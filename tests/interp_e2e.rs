@@ -252,7 +252,7 @@ fn miniwob_screenshots_extract_lens_and_grounded_score() {
             }
         }
         std::fs::write(&p, body).unwrap();
-        (miniwob_steer::interp::cli::grounded_tally(&ext, &p, 5).unwrap(), scored)
+        (miniwob_steer::interp::grounded::tally_lens_results(&ext, &p, 5).unwrap(), scored)
     };
     let (t, scored) = crafted(true);
     assert!(scored > 0);

@@ -321,3 +321,44 @@ fn a_truncated_gguf_names_file_and_tensor() {
     };
     assert!(e.contains(cut.to_str().unwrap()) && e.contains("reading tensor `"), "{e}");
 }
+
+/// Issue 15: `run --pairs FILE` reads the file (it used to be parsed and ignored): a pair defined
+/// only there is found, and a broken file is an error naming it, before the model loads.
+#[test]
+fn run_reads_the_pairs_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("mine.toml");
+    std::fs::write(
+        &good,
+        "[[pair]]\nname = \"mine\"\ndescription = \"d\"\npositive = \"Be exact.\"\nnegative = \"Be vague.\"\n",
+    )
+    .unwrap();
+    let bad = tmp.path().join("broken.toml");
+    std::fs::write(&bad, "[[pair]]\nname = 3\n").unwrap();
+    let run = |pairs: &std::path::Path, pair: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+            .args(["run", "--model", "/nonexistent/model.gguf", "--device", "cpu", "--tasks", "click-test"])
+            .args(["--pair", pair, "--pairs"])
+            .arg(pairs)
+            .arg("--out")
+            .arg(tmp.path().join("r.jsonl"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // Found in the file: the run goes on to load the (missing) model.
+    let e = run(&good, "mine");
+    assert!(e.contains("/nonexistent/model.gguf"), "the pair should have been found in {}: {e}", good.display());
+    let e = run(&bad, "mine");
+    assert!(e.contains("broken.toml"), "the broken pairs file should be named: {e}");
+    // The built-in pairs without the file do not know it.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(["run", "--model", "/nonexistent/model.gguf", "--device", "cpu", "--tasks", "click-test"])
+        .args(["--prompt-type", "mine", "--out"])
+        .arg(tmp.path().join("r.jsonl"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("mine") && !e.contains("/nonexistent"), "{e}");
+}

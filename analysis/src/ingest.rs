@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use miniwob_steer_schema::Condition;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -377,13 +378,12 @@ pub fn parse_line(line: &[u8], f: impl FnOnce(&Episode<'_>)) -> Result<(), (Prob
         Field::Null => None,
         Field::Val(v) => Some(v),
     };
-    let steered = match &*raw.condition.0 {
-        "baseline" => false,
-        "steered" => true,
-        other => {
+    let steered = match Condition::parse(&raw.condition.0) {
+        Some(c) => c == Condition::Steered,
+        None => {
             return Err((
                 ProblemKind::BadValue,
-                format!("`condition` is {other:?}, expected \"baseline\" or \"steered\""),
+                format!("`condition` is {:?}, expected \"baseline\" or \"steered\"", raw.condition.0),
             ))
         }
     };
@@ -443,27 +443,6 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
-}
-
-fn is_parquet(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()) == Some("parquet")
-}
-
-/// Reads every input (directories recursively), validating line by line.
-pub fn ingest(inputs: &[PathBuf]) -> Result<Ingested> {
-    let files = expand_inputs(inputs)?;
-    let mut ing = Ingested::default();
-    for path in files {
-        let fid = ing.rows.files.len() as u32;
-        ing.rows.files.push(path.clone());
-        ing.files_read += 1;
-        if is_parquet(&path) {
-            crate::parquet::read_parquet(&path, fid, &mut ing)?;
-        } else {
-            read_jsonl(&path, fid, &mut ing)?;
-        }
-    }
-    Ok(ing)
 }
 
 /// Bytes per block handed to a parser thread.
@@ -537,7 +516,7 @@ impl Ingested {
 /// Reads one JSONL file: the calling thread reads blocks of whole lines, parser threads validate
 /// them, and the blocks are merged back in file order (so line numbers and dictionary codes are the
 /// same as a sequential read).
-fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
+pub fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let base_lines = ing.lines_read;
     ing.lines_read = 0; // line numbers within this file; restored below

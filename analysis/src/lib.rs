@@ -105,12 +105,30 @@ pub struct Summary {
 
 const MAX_LISTED: usize = 20;
 
+/// Reads every input (directories recursively), validating line by line: JSONL through
+/// `ingest`, parquet (from `analyze convert`) through `parquet`, into the same rows.
+pub fn read_inputs(inputs: &[std::path::PathBuf]) -> Result<Ingested> {
+    let files = ingest::expand_inputs(inputs)?;
+    let mut ing = Ingested::default();
+    for path in files {
+        let fid = ing.rows.files.len() as u32;
+        ing.rows.files.push(path.clone());
+        ing.files_read += 1;
+        if path.extension().and_then(|e| e.to_str()) == Some("parquet") {
+            parquet::read_parquet(&path, fid, &mut ing)?;
+        } else {
+            ingest::read_jsonl(&path, fid, &mut ing)?;
+        }
+    }
+    Ok(ing)
+}
+
 /// Reads the inputs, and fails when there is no episode at all.
 pub fn load(inputs: &[PathBuf]) -> Result<Ingested> {
     if inputs.is_empty() {
         bail!("no input given: pass result files or directories");
     }
-    let ing = ingest::ingest(inputs)?;
+    let ing = read_inputs(inputs)?;
     report_problems(&ing);
     if ing.rows.is_empty() {
         let what = inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The transformers peer of `miniwob-steer bench paired` (src/gpu/paired.rs): the same workload on
+"""The transformers peer of `miniwob-steer bench paired` (src/cli/bench/paired.rs): the same workload on
 the same checkpoint, device and dtype, measured the same way, printed as one JSON object with
 the same keys.
 
@@ -40,7 +40,7 @@ def workload_ids(n):
     return [1000 + (i * 7919) % 20000 for i in range(n)]
 
 
-# The VLM workload (src/gpu/paired.rs: VLM_FILLER, workload_image, vlm_workload).
+# The VLM workload (src/models/workload.rs: VLM_FILLER, workload_image, vlm_workload).
 VLM_FILLER = "Click the button labelled Submit, then type the name into the text field and press Enter. "
 
 

@@ -15,29 +15,7 @@ use anyhow::Result;
 use image::RgbImage;
 use std::time::Instant;
 
-/// The condition of one trajectory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Condition {
-    /// α = 0: no steering.
-    Baseline,
-    Steered,
-}
-
-impl Condition {
-    /// The name result lines and resume keys use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Condition::Baseline => "baseline",
-            Condition::Steered => "steered",
-        }
-    }
-}
-
-impl std::fmt::Display for Condition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use miniwob_steer_schema::Condition;
 
 /// One trajectory to run: its condition and steering coefficient.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,7 +14,6 @@
 use crate::env::{dom, Observation};
 use crate::models::tokenizer::{ChatMessage, Tokenizer};
 use anyhow::Result;
-use sha2::{Digest, Sha256};
 
 /// The instruction and grammar that open every prompt.
 pub const INSTRUCTION: &str = "You are a web agent. Complete the task on the web page below by answering with actions.
@@ -105,7 +104,4 @@ impl PromptBuilder {
     }
 }
 
-/// sha256 prefix (16 hex) of a string: prompt hashes in result lines.
-pub fn hash16(s: &str) -> String {
-    hex::encode(&Sha256::digest(s.as_bytes())[..8])
-}
+pub use miniwob_steer_schema::hash16;

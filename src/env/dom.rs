@@ -12,7 +12,7 @@
 //! value and not a leaf: they carry no information). Leaf boxes without text (colour swatches,
 //! shapes) keep their background colour (`bg=`). Texts are cut at [`MAX_TEXT`] characters;
 //! past `max_elements` lines one final line says how many were left out.
-use super::session::Element;
+use super::observation::Element;
 
 /// Longest text or value kept per element (characters).
 pub const MAX_TEXT: usize = 120;

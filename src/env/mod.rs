@@ -4,10 +4,9 @@
 //!
 //! Nothing here knows about models (DESIGN.md §2). See docs/env.md.
 pub mod action;
-pub mod bench;
 pub mod browser;
-pub mod cli;
 pub mod dom;
+pub mod observation;
 pub mod pool;
 pub mod server;
 pub mod session;
@@ -16,9 +15,10 @@ pub mod tasks;
 
 pub use action::{Action, ActionParseError};
 pub use browser::{Browser, BrowserConfig};
+pub use observation::{Element, Observation, StepResult};
 pub use pool::{Pool, PooledSession};
 pub use server::TaskServer;
-pub use session::{Element, EnvConfig, Observation, Session, StepResult};
+pub use session::{EnvConfig, Session};
 pub use tasks::{is_exp12, is_multi_step, list_tasks, TaskInfo, EXP12_TASKS};
 
 use std::path::PathBuf;
@@ -51,15 +51,7 @@ impl EnvError {
     }
 }
 
-/// `$MINIWOB_STEER_HOME`, default `~/.cache/miniwob-steer` (same rule as the model registry;
-/// duplicated because `env` does not import `models`).
-pub fn assets_home() -> PathBuf {
-    if let Some(p) = std::env::var_os("MINIWOB_STEER_HOME") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("miniwob-steer")
-}
+pub use miniwob_steer_schema::paths::assets_home;
 
 /// The unpacked MiniWoB html tree (`$MINIWOB_STEER_HOME/miniwob-html`), checked to contain the
 /// core scripts, or an error naming the setup command.

@@ -4,7 +4,7 @@
 //! (`$MINIWOB_STEER_FONT` overrides the path). A screenshot taken at device scale 1 is first
 //! enlarged to 2× (nearest neighbour) so that labels stay readable on the 160×210 task area.
 use super::dom::is_informative;
-use super::session::Element;
+use super::observation::Element;
 use ab_glyph::{Font, FontVec, PxScale, ScaleFont};
 use image::{Rgba, RgbaImage};
 use std::sync::OnceLock;

@@ -64,7 +64,7 @@ pub struct ExperimentFile {
     pub max_steps: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub concurrency: Option<usize>,
-    pub dtype: Option<crate::gpu::device::DTypeChoice>,
+    pub dtype: Option<crate::models::dtype::DTypeChoice>,
 }
 
 impl ExperimentFile {

@@ -114,7 +114,7 @@ impl RunMeta {
             vector_method: self.vector_method.clone(),
             task: task.to_string(),
             seed,
-            condition: ep.condition.to_string(),
+            condition: ep.condition,
             vlm: self.config.vlm,
             prompt_hash: ep.prompt_hash.clone(),
             output: ep.output.clone(),

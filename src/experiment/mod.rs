@@ -1,7 +1,6 @@
 //! Experiments: settings (TOML + flags), the expanded episode plan and its shards, the results
 //! file with resume, the steering vector of a run, the evaluation loop shared by every model,
 //! and the summary (DESIGN.md §1, §6, §7).
-pub mod bench;
 pub mod config;
 pub mod evaluate;
 pub mod meta;
@@ -14,5 +13,5 @@ pub mod vectors;
 
 pub use plan::{Item, Shard};
 pub use results::{EpisodeLine, ResultsFile};
-pub use settings::{RunArgs, Settings};
+pub use settings::Settings;
 pub use summary::Summary;

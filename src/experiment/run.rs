@@ -1,17 +1,16 @@
-//! The `run` subcommand: loads the model (a text decoder, or Qwen2-VL for `--vlm`), then the one
+//! `run`: loads the model (a text decoder, or Qwen2-VL for `--vlm`), then the one
 //! pipeline of [`super::evaluate`]: the steering vector from MiniWoB training episodes, paired
 //! baseline/steered episodes, resumably, one result line per episode, and the summary.
-use super::config::{ExperimentFile, LayerSpec};
 use super::evaluate::execute;
-use super::settings::{RunArgs, Settings};
-use super::summary::{print_summary, print_table, Summary};
+use super::settings::Settings;
+use super::summary::Summary;
+use crate::device::parse_device;
 use crate::interp::readout::LensProbe;
-use crate::models::cli::parse_device;
 use crate::models::hooks::HookPoint;
 use crate::models::load::{LoadedModel, ModelInfo};
 use crate::models::qwen2_vl::{is_vlm_model, Qwen2Vl};
 use crate::models::registry;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -46,6 +45,11 @@ pub fn run_settings(
     progress: bool,
     lens: Option<(&Path, Option<usize>)>,
 ) -> Result<Summary> {
+    if !s.base_only && s.vector.is_none() {
+        // A bad pair name or --pairs file fails now, not after the model and browsers are up.
+        let all = crate::steering::pairs::load(s.pairs.as_deref())?;
+        crate::steering::pairs::find(&all, &s.pair)?;
+    }
     let device = parse_device(&s.device)?;
     if vlm || is_vlm_model(&s.model) {
         if !is_vlm_model(&s.model) {
@@ -64,40 +68,4 @@ pub fn run_settings(
         let model = Arc::new(LoadedModel::load(&s.model, &device, s.dtype)?);
         execute(s, model, vector_cache, progress, None)
     }
-}
-
-/// The `run` subcommand.
-pub fn run(a: RunArgs) -> Result<()> {
-    if a.print_sweep {
-        return sweep(&a);
-    }
-    if !a.print_table.is_empty() {
-        return print_table(&a.print_table);
-    }
-    let s = Settings::resolve(&a)?;
-    let lens = a.lens.as_deref().map(|p| (p, a.lens_layer));
-    let summary = run_settings(&s, a.vlm, a.vector_cache.as_deref(), !a.no_progress, lens)?;
-    print_summary(&summary);
-    if let Some(p) = &a.summary_json {
-        std::fs::write(p, serde_json::to_string_pretty(&summary)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    if summary.failed_pairs > 0 {
-        bail!("{} (task, seed) pairs failed (see the log); rerun the same command to retry them", summary.failed_pairs);
-    }
-    Ok(())
-}
-
-fn sweep(a: &RunArgs) -> Result<()> {
-    let f = ExperimentFile::load(a.experiment.as_deref().context("--print-sweep needs --experiment")?)?;
-    let layers: Vec<LayerSpec> =
-        if f.layers.is_empty() { vec![LayerSpec::Name("auto".into())] } else { f.layers.clone() };
-    for (models, modality) in [(&f.models, "text"), (&f.vlm_models, "vlm")] {
-        for m in models {
-            for l in &layers {
-                println!("{m}\t{l}\t{modality}");
-            }
-        }
-    }
-    Ok(())
 }

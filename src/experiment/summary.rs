@@ -137,8 +137,7 @@ pub fn summarize(
     for l in &results.lines {
         if keys.contains(&l.key) {
             episodes += 1;
-            let cond = if l.condition == Condition::Baseline.name() { Condition::Baseline } else { Condition::Steered };
-            c.add(cond, l.coeff as f32, l.success, l.parse_failure);
+            c.add(l.condition, l.coeff as f32, l.success, l.parse_failure);
         }
     }
     let base_rate = c.baseline.rate();
@@ -212,7 +211,7 @@ pub fn print_table(files: &[PathBuf]) -> Result<()> {
                 l.layer.map_or("-".into(), |x| x.to_string()),
                 l.prompt_pair.clone().unwrap_or_else(|| "-".into()),
             );
-            if l.condition == Condition::Baseline.name() {
+            if l.condition == Condition::Baseline {
                 base_by_ep.insert((g.clone(), l.task.clone(), l.seed), l.success);
                 base.entry(g).or_default().add(l.success, l.parse_failure);
             } else {

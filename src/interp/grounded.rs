@@ -2,8 +2,13 @@
 //! and text are known. A vision token whose pixel box overlaps an element's text counts as
 //! grounded (per lens, per layer) when one of its top-k neighbours is a word of that text,
 //! case-folded and sub-word aware ([`matches`]). The rate is grounded / overlapping tokens.
+use super::lens::Neighbour;
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
 
 /// An element's text and its box in image pixels (x0, y0, x1, y1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,4 +139,41 @@ mod tests {
             tally.markdown()
         );
     }
+}
+
+/// The grounded tally of a `lens query` output over the extracted items' text boxes.
+pub fn tally_lens_results(extracted: &Path, lens_results: &Path, k: usize) -> Result<Tally> {
+    let mut texts: std::collections::HashMap<String, Vec<TextBox>> = Default::default();
+    for f in super::extract::item_files(extracted)? {
+        let item = super::extract::read_item(&f)?;
+        let tb = item.meta.get("text_boxes").cloned().with_context(|| {
+            format!("{}: no `text_boxes` in the metadata (extract with --task to get the DOM)", f.display())
+        })?;
+        texts.insert(
+            item.name,
+            serde_json::from_value(tb).with_context(|| format!("{}: bad `text_boxes`", f.display()))?,
+        );
+    }
+    let f = std::fs::File::open(lens_results).with_context(|| format!("reading {}", lens_results.display()))?;
+    let mut tally = Tally::default();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let v: Value = serde_json::from_str(&line?)
+            .with_context(|| format!("{}:{}: invalid JSON", lens_results.display(), i + 1))?;
+        let field = |k: &str| v.get(k).with_context(|| format!("{}:{}: no field `{k}`", lens_results.display(), i + 1));
+        let item = field("item")?.as_str().unwrap_or_default();
+        let Some(tb) = texts.get(item) else {
+            bail!("{}:{}: item {item} is not in {}", lens_results.display(), i + 1, extracted.display())
+        };
+        let b: [f32; 4] = serde_json::from_value(field("box")?.clone()).with_context(|| {
+            format!("{}:{}: `box` is not four numbers (not image positions?)", lens_results.display(), i + 1)
+        })?;
+        let words = words_under(&b, tb);
+        if words.is_empty() {
+            continue;
+        }
+        let nb: Vec<Neighbour> = serde_json::from_value(field("neighbours")?.clone())?;
+        let ok = is_grounded(nb.iter().take(k).map(|n| n.token.as_str()), &words);
+        tally.add(field("lens")?.as_str().unwrap_or_default(), field("hook_point")?.as_str().unwrap_or_default(), ok);
+    }
+    Ok(tally)
 }

@@ -7,7 +7,6 @@
 //! numbering: `hs:0` = `hook_embed`, `hs:j` = `blocks.{j-1}.hook_resid_post` for 0 < j < L, and
 //! `hs:L` = `hook_final_norm`, because transformers applies the final norm to its last entry.
 //! Every output names the TransformerLens hook point.
-pub mod cli;
 pub mod corpus;
 pub mod extract;
 pub mod grounded;
@@ -72,7 +71,7 @@ pub fn parse_points(spec: &str, num_layers: usize) -> Result<Vec<HookPoint>> {
 }
 
 /// A bar on stderr for long loops (hidden when stderr is not a terminal).
-pub(crate) fn progress(n: u64, what: &str) -> indicatif::ProgressBar {
+pub fn progress(n: u64, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(n);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")

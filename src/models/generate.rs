@@ -134,7 +134,7 @@ pub fn generate(
     for p in prompts {
         model.check_ids(p)?;
     }
-    crate::gpu::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
+    crate::models::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
     let (ids, pads) = left_pad(prompts, cfg.pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
     let logits = model.forward(&ids, &mut state, &StepInfo::prefill(pads), spec, caps, false)?;
@@ -213,7 +213,7 @@ pub fn prefill(
     for p in prompts {
         model.check_ids(p)?;
     }
-    crate::gpu::memory::guard(model, prompts, 0, spec)?;
+    crate::models::memory::guard(model, prompts, 0, spec)?;
     let (ids, pads) = left_pad(prompts, pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
     let mut caps = Captures::default();
@@ -252,7 +252,7 @@ pub fn generate_shared(
     if (unique.len() == prompts.len() && !cached) || prompts.iter().any(|p| p.len() < 2) || !only_last {
         return generate(model, prompts, cfg, spec, &mut Default::default());
     }
-    crate::gpu::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
+    crate::models::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
     let (mut state, logits) = prefill_forked(model, &unique, &row_of, spec, cache)?;
     let lens = prompts.iter().map(|p| p.len()).collect();
     continue_generation(model, &mut state, logits, lens, cfg, spec, &mut Captures::default())
@@ -325,7 +325,7 @@ pub fn last_states_shared(
         let states = spec.captures.iter().map(|&p| Ok((p, last_of(caps.get(p)?)?))).collect::<Result<_>>()?;
         return Ok((logits, states));
     }
-    crate::gpu::memory::guard(model, &prompts[..1], 0, spec)?;
+    crate::models::memory::guard(model, &prompts[..1], 0, spec)?;
     let shared = prefill_prefix(model, &prompts[0][..lcp], cache)?;
     let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     lengths.sort_unstable();

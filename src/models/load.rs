@@ -32,7 +32,7 @@ impl ModelInfo {
                 model = %self.name, dtype = %self.dtype,
                 "{} with {} is not batch invariant: a row's tokens can depend on what it is batched with \
                  (result lines record batch_invariant = false; docs/determinism.md)",
-                crate::gpu::device::device_name(device), self.dtype
+                crate::device::device_name(device), self.dtype
             );
         }
     }

@@ -208,8 +208,26 @@ impl Tokenizer {
     }
 
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_template(
+            &self.chat_template,
+            minijinja::Value::from_serialize(messages),
+            add_generation_prompt,
+            &[],
+        )
+    }
+
+    /// Renders a chat template the way transformers does (trim_blocks, lstrip_blocks, Python
+    /// string methods, `raise_exception`, `strftime_now`, `bos_token` / `eos_token`), with
+    /// `extra` variables beside `messages` and `add_generation_prompt`. The one template
+    /// environment of the harness (text models and Qwen2-VL).
+    pub fn render_template(
+        &self,
+        template: &str,
+        messages: minijinja::Value,
+        add_generation_prompt: bool,
+        extra: &[(&str, minijinja::Value)],
+    ) -> Result<String> {
         let mut env = minijinja::Environment::new();
-        // transformers compiles templates with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
@@ -218,13 +236,12 @@ impl Tokenizer {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
-        env.add_template("chat", &self.chat_template).context("compiling the chat template")?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default(),
-            eos_token => self.eos.as_ref().map(|e| e.0.clone()).unwrap_or_default(),
-        };
+        env.add_template("chat", template).context("compiling the chat template")?;
+        let mut ctx: std::collections::BTreeMap<&str, minijinja::Value> = extra.iter().cloned().collect();
+        ctx.insert("messages", messages);
+        ctx.insert("add_generation_prompt", add_generation_prompt.into());
+        ctx.insert("bos_token", self.bos.as_ref().map(|b| b.0.clone()).unwrap_or_default().into());
+        ctx.insert("eos_token", self.eos.as_ref().map(|e| e.0.clone()).unwrap_or_default().into());
         env.get_template("chat")?.render(ctx).context("rendering the chat template")
     }
 

@@ -535,25 +535,6 @@ impl Weights {
             *post_norms = on;
         }
     }
-
-    /// The shape of a tensor without loading it (used to infer sizes missing from configs).
-    pub fn shape_of(&self, name: Name) -> Option<Vec<usize>> {
-        match &self.source {
-            Source::Safetensors { st, prefix, .. } => st.get(&name.hf(prefix)).ok().map(|v| v.shape().to_vec()),
-            Source::Gguf { content, post_norms, .. } => {
-                content.tensor_infos.get(&name.gguf(*post_norms)).map(|i| i.shape.dims().to_vec())
-            }
-        }
-    }
-
-    pub fn gguf_dtype_of(&self, name: Name) -> Option<GgmlDType> {
-        match &self.source {
-            Source::Gguf { content, post_norms, .. } => {
-                content.tensor_infos.get(&name.gguf(*post_norms)).map(|i| i.ggml_dtype)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// A cheap identity for weights: sha256 over each file's size and its first and last 4 MiB.

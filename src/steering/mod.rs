@@ -1,7 +1,6 @@
 //! Steering vectors: contrastive prompt pairs, CAA (mean difference, PCA), vector files and
 //! llama.cpp control-vector interop.
 pub mod caa;
-pub mod cli;
 pub mod pairs;
 pub mod vector;
 

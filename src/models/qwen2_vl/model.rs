@@ -153,21 +153,11 @@ impl Qwen2Vl {
     /// Renders chat messages whose `content` is a string or a list of `{type: image}` /
     /// `{type: text, text}` parts (transformers' multimodal message format).
     pub fn render(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.chat_template).context("compiling the Qwen2-VL chat template")?;
-        let ctx = minijinja::context! {
-            messages => minijinja::Value::from_serialize(messages),
-            add_generation_prompt => add_generation_prompt,
-            add_vision_id => false,
-        };
-        env.get_template("chat")?.render(ctx).context("rendering the Qwen2-VL chat template")
+        let messages = minijinja::Value::from_serialize(messages);
+        let extra = [("add_vision_id", minijinja::Value::from(false))];
+        self.tokenizer
+            .render_template(&self.chat_template, messages, add_generation_prompt, &extra)
+            .context("the Qwen2-VL chat template")
     }
 
     /// Replaces the k-th `<|image_pad|>` by as many pads as image k has LLM tokens, then
@@ -385,7 +375,7 @@ impl Qwen2Vl {
             return Ok((vec![], vec![]));
         }
         let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
-        crate::gpu::memory::guard(&self.decoder, &ids, cfg.max_new_tokens, spec)?;
+        crate::models::memory::guard(&self.decoder, &ids, cfg.max_new_tokens, spec)?;
         let mut unique: Vec<&VlmInput> = Vec::new();
         let mut row_of = Vec::with_capacity(rows.len());
         for r in rows {

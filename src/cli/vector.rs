@@ -1,9 +1,9 @@
 //! `vector` subcommand: compute, inspect, combine, import/export llama.cpp control vectors.
-use super::caa::{self, CaaOptions, Method};
-use super::pairs;
-use super::vector::SteeringVector;
-use crate::models::cli::ModelArgs;
+use crate::cli::models::ModelArgs;
 use anyhow::{bail, Context, Result};
+use miniwob_steer::steering::caa::{self, CaaOptions, Method};
+use miniwob_steer::steering::pairs;
+use miniwob_steer::steering::vector::SteeringVector;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -138,19 +138,23 @@ fn compute(a: ComputeArgs) -> Result<()> {
         texts.truncate(n);
     }
     let m = a.model.load()?;
-    let layers = crate::models::cli::parse_layers(&a.layer, m.decoder.cfg.num_layers)?;
+    let layers = crate::cli::models::parse_layers(&a.layer, m.decoder.cfg.num_layers)?;
     let opts = CaaOptions { layers, method: a.method, batch_size: a.batch_size, response_tokens: a.response_tokens };
     let members: Vec<pairs::PromptPair> = match &pair.combine {
         Some(names) => names.iter().map(|n| pairs::find(&all, n).cloned()).collect::<Result<_>>()?,
         None => vec![pair.clone()],
     };
-    let tasks = a.tasks.as_deref().map(crate::experiment::settings::parse_tasks).transpose()?;
+    let tasks = a.tasks.as_deref().map(miniwob_steer::experiment::settings::parse_tasks).transpose()?;
     let v = match &tasks {
         // The runner's own vector computation, on its training observations.
         Some(tasks) => {
-            let views =
-                crate::experiment::vectors::training_views_blocking(tasks, a.train_steps.unwrap_or(50), a.seed, 2)?;
-            crate::experiment::vectors::compute(&m, &views, &all, &pair.name, &opts)?
+            let views = miniwob_steer::experiment::vectors::training_views_blocking(
+                tasks,
+                a.train_steps.unwrap_or(50),
+                a.seed,
+                2,
+            )?;
+            miniwob_steer::experiment::vectors::compute(&m, &views, &all, &pair.name, &opts)?
         }
         None => {
             let mut vs = Vec::new();
@@ -195,7 +199,11 @@ fn inspect(file: &Path, compare: Option<&Path>) -> Result<()> {
         let w = SteeringVector::load(other)?;
         for (l, t) in &v.layers {
             if let Some(u) = w.layers.get(l) {
-                println!("cosine with {} at layer {l}: {:.6}", other.display(), crate::models::generate::cosine(t, u)?);
+                println!(
+                    "cosine with {} at layer {l}: {:.6}",
+                    other.display(),
+                    miniwob_steer::models::generate::cosine(t, u)?
+                );
             }
         }
     }

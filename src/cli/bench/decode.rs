@@ -1,12 +1,12 @@
 //! `bench decode`: prefill and decode tokens/s with no hook, a steering hook, and α = 0, side by
 //! side with the transformers peer (scripts/peer/hf_decode.py) in the same invocation.
-use super::cli::ModelArgs;
-use super::decoder::Decoder;
-use super::generate::left_pad;
-use super::hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
-use super::registry::{self, Location};
+use crate::cli::models::ModelArgs;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use miniwob_steer::models::decoder::Decoder;
+use miniwob_steer::models::generate::left_pad;
+use miniwob_steer::models::hooks::{Captures, HookPoint, HookSpec, Positions, StepInfo};
+use miniwob_steer::models::registry::{self, Location};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -39,7 +39,7 @@ pub struct BenchDecodeArgs {
     pub batch: Vec<usize>,
     /// Weight dtypes to measure in this invocation (default: --dtype), e.g. f32,gguf.
     #[arg(long, value_delimiter = ',')]
-    pub dtypes: Vec<crate::models::WeightDType>,
+    pub dtypes: Vec<miniwob_steer::models::WeightDType>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +120,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     // Must happen before candle's first parallel kernel reads it.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let resolved = registry::resolve(&a.model.model)?;
-    let device = super::cli::parse_device(&a.model.device)?;
+    let device = miniwob_steer::device::parse_device(&a.model.device)?;
     let dtypes =
         if a.dtypes.is_empty() { vec![a.model.dtype.resolve_for(&device, &a.model.model)] } else { a.dtypes.clone() };
     let python = a.python.clone().or_else(|| {
@@ -148,7 +148,7 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 "model {} ({}) on {}, threads {}, prompt {} tokens, {} new tokens, hook {} coeff {}, median of {}",
                 m.info.name,
                 m.info.checkpoint,
-                crate::gpu::device::device_name(&device),
+                miniwob_steer::device::device_name(&device),
                 a.threads,
                 a.prompt_tokens,
                 a.new_tokens,
@@ -226,9 +226,9 @@ pub struct BenchMatmulArgs {
 /// Interleaves the implementations rep by rep, so machine noise hits them alike, and reports
 /// medians. Shapes whose input size a type cannot block (k-quants need multiples of 256) are skipped.
 pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
-    use super::q8::Q8Matrix;
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
+    use miniwob_steer::models::q8::Q8Matrix;
     rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let parse_ty = |s: &str| -> Result<GgmlDType> {
@@ -277,7 +277,7 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
                 std::hint::black_box(x.matmul(&wt)?);
                 times[theirs.len() + 1].push(t0.elapsed().as_secs_f64());
                 let t0 = Instant::now();
-                std::hint::black_box(super::kernels::matmul_t(&xv, m, k, &wv, n));
+                std::hint::black_box(miniwob_steer::models::kernels::matmul_t(&xv, m, k, &wv, n));
                 times[theirs.len() + 2].push(t0.elapsed().as_secs_f64());
             }
             let med = |v: &mut Vec<f64>| {
@@ -334,8 +334,8 @@ pub struct BenchDeterminismArgs {
 
 /// Prints one line per composition and exits non-zero when any row differs.
 pub fn run_determinism(a: BenchDeterminismArgs) -> Result<()> {
-    use super::determinism::{self, CheckConfig};
-    use super::tokenizer::ChatMessage;
+    use miniwob_steer::models::determinism::{self, CheckConfig};
+    use miniwob_steer::models::tokenizer::ChatMessage;
     if let Some(t) = a.threads {
         // Before candle's pool starts: it reads these once.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -364,7 +364,7 @@ pub fn run_determinism(a: BenchDeterminismArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
     let cfg = CheckConfig {
-        gen: super::generate::GenerateConfig {
+        gen: miniwob_steer::models::generate::GenerateConfig {
             max_new_tokens: a.new_tokens,
             stop_ids: m.tokenizer.stop_token_ids(),
             pad_id: m.tokenizer.pad_token_id().unwrap_or(0),

@@ -2,13 +2,13 @@
 //! one pair) through `run`'s code path, beside `scripts/peer/exp12_loop.py` (transformers + a
 //! forward hook + selenium, sequential baseline then steered) on the same tasks, seeds, vector,
 //! prompt text and token budget, in the same invocation.
-use super::run::run_settings;
-use super::settings::Settings;
-use super::Shard;
-use crate::gpu::device::DTypeChoice;
-use crate::models::registry::{self, Location};
-use crate::steering::caa::{CoeffMode, Method};
 use anyhow::{bail, Context, Result};
+use miniwob_steer::experiment::run::run_settings;
+use miniwob_steer::experiment::settings::Settings;
+use miniwob_steer::experiment::Shard;
+use miniwob_steer::models::dtype::DTypeChoice;
+use miniwob_steer::models::registry::{self, Location};
+use miniwob_steer::steering::caa::{CoeffMode, Method};
 use std::path::{Path, PathBuf};
 
 /// The fixed task list (8 click/type tasks of issue 9).
@@ -17,7 +17,7 @@ pub const BENCH_TASKS: &str =
 
 #[derive(clap::Args, Debug)]
 pub struct BenchEpisodesArgs {
-    #[arg(long, default_value = crate::models::registry::DEFAULT_MODEL)]
+    #[arg(long, default_value = miniwob_steer::models::registry::DEFAULT_MODEL)]
     pub model: String,
     /// auto (bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32), f32, f16, bf16 or gguf.
     #[arg(long, default_value = "auto")]
@@ -52,7 +52,7 @@ pub struct BenchEpisodesArgs {
     pub no_peer: bool,
     /// Prefix-cache bounds (MiB) to time ours with, one run each (0 = no cache); the first is
     /// compared with the peer.
-    #[arg(long, value_delimiter = ',', default_values_t = [crate::models::prefix_cache::DEFAULT_MB, 0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [miniwob_steer::models::prefix_cache::DEFAULT_MB, 0])]
     pub prefix_cache_mb: Vec<usize>,
 }
 
@@ -68,7 +68,7 @@ fn settings(
     Ok(Settings {
         experiment: "bench".into(),
         model: a.model.clone(),
-        dtype: a.dtype.resolve_for(&crate::models::cli::parse_device(&a.device)?, &a.model),
+        dtype: a.dtype.resolve_for(&miniwob_steer::device::parse_device(&a.device)?, &a.model),
         device: a.device.clone(),
         layer: a.layer.clone(),
         coeffs: vec![a.coeff],
@@ -80,7 +80,7 @@ fn settings(
         eval_steps,
         seed,
         base_only: false,
-        tasks: super::settings::parse_tasks(&a.tasks)?,
+        tasks: miniwob_steer::experiment::settings::parse_tasks(&a.tasks)?,
         vector,
         concurrency: a.concurrency,
         prefix_cache_mb,
@@ -188,7 +188,7 @@ fn peer(a: &BenchEpisodesArgs, python: &Path, s: &Settings, vector: &Path, layer
         .args(["--tasks", &s.tasks.join(","), "--seeds", &a.seeds.to_string()])
         .args(["--max-new-tokens", &a.max_new_tokens.to_string(), "--threads", &a.threads.to_string()])
         .arg("--html-root")
-        .arg(crate::env::html_root()?)
+        .arg(miniwob_steer::env::html_root()?)
         .env("OMP_NUM_THREADS", a.threads.to_string())
         .stderr(std::process::Stdio::inherit());
     let out = cmd.output().with_context(|| format!("running {} {}", python.display(), script.display()))?;

@@ -1,38 +1,16 @@
 //! `models`, `generate` and `extract` subcommands.
-use super::generate::{self, GenerateConfig, Sampling};
-use super::hooks::{HookPoint, HookSpec, Positions};
-use super::load::LoadedModel;
-use super::registry::{self, REGISTRY};
-use super::tokenizer::ChatMessage;
-use crate::gpu::device::DTypeChoice;
-use crate::steering::vector::SteeringVector;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use miniwob_steer::device::parse_device;
+use miniwob_steer::models::dtype::DTypeChoice;
+use miniwob_steer::models::generate::{self, GenerateConfig, Sampling};
+use miniwob_steer::models::hooks::{HookPoint, HookSpec, Positions};
+use miniwob_steer::models::load::LoadedModel;
+use miniwob_steer::models::registry::{self, REGISTRY};
+use miniwob_steer::models::tokenizer::ChatMessage;
+use miniwob_steer::steering::vector::SteeringVector;
 use std::collections::HashMap;
 use std::path::PathBuf;
-
-/// `--device cpu|cuda[:N]|auto`: `auto` is GPU 0 when this binary has CUDA (`--features cuda`)
-/// and a GPU is visible, else the CPU.
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            let d = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
-            tracing::debug!("--device auto: {}", crate::gpu::device::device_name(&d));
-            Ok(d)
-        }
-        s if s.starts_with("cuda") => {
-            let n: usize = s
-                .strip_prefix("cuda")
-                .and_then(|r| r.strip_prefix(':'))
-                .unwrap_or("0")
-                .parse()
-                .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?;
-            Device::new_cuda(n).with_context(|| format!("--device {s}: this binary has no CUDA support or no GPU {n} is visible (build with --features cuda)"))
-        }
-        other => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-    }
-}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -313,7 +291,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    crate::util::save_safetensors(&out, &meta, &a.out)?;
+    miniwob_steer::util::save_safetensors(&out, &meta, &a.out)?;
     eprintln!("wrote {} ({} prompts, layers {:?})", a.out.display(), prompts.len(), layers);
     Ok(())
 }

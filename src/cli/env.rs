@@ -1,7 +1,7 @@
 //! `tasks`, `observe` and `play` subcommands.
-use super::session::{EnvConfig, Session};
-use super::{dom, html_root, list_tasks, Action};
 use anyhow::{bail, Context, Result};
+use miniwob_steer::env::session::{EnvConfig, Session};
+use miniwob_steer::env::{dom, html_root, list_tasks, Action};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -99,7 +99,7 @@ pub fn run_observe(a: ObserveArgs) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
-        super::browser::install_signal_cleanup();
+        miniwob_steer::env::browser::install_signal_cleanup();
         let mut cfg = EnvConfig::default();
         cfg.browser.device_scale = a.scale;
         let mut s = Session::start(cfg).await?;
@@ -123,7 +123,7 @@ pub fn run_observe(a: ObserveArgs) -> Result<()> {
 pub fn run_play(a: PlayArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
-        super::browser::install_signal_cleanup();
+        miniwob_steer::env::browser::install_signal_cleanup();
         let cfg = EnvConfig { episode_max_time_ms: a.episode_max_time_ms, ..EnvConfig::default() };
         let mut s = Session::start(cfg).await?;
         let result = async {

@@ -1,16 +1,17 @@
 //! `extract` (images, MiniWoB screenshots, text) and `lens index|query|grounded` subcommands.
-use super::extract::{self, ExtractWriter, Extracted};
-use super::grounded::{self, Tally, TextBox};
-use super::index::{self, Index, IndexMeta};
-use super::lens::{self, EmbeddingLens, Neighbour};
-use crate::models::cli::{parse_device, render_prompt, ModelArgs};
-use crate::models::decoder::Decoder;
-use crate::models::hooks::{HookPoint, Positions};
-use crate::models::load::{LoadedModel, ModelInfo};
-use crate::models::qwen2_vl::{Qwen2Vl, VlmInput};
-use crate::models::tokenizer::Tokenizer;
+use crate::cli::models::{render_prompt, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use miniwob_steer::device::parse_device;
+use miniwob_steer::interp::extract::{self, ExtractWriter, Extracted};
+use miniwob_steer::interp::grounded::{self, TextBox};
+use miniwob_steer::interp::index::{self, Index, IndexMeta};
+use miniwob_steer::interp::lens::{self, EmbeddingLens, Neighbour};
+use miniwob_steer::models::decoder::Decoder;
+use miniwob_steer::models::hooks::{HookPoint, Positions};
+use miniwob_steer::models::load::{LoadedModel, ModelInfo};
+use miniwob_steer::models::qwen2_vl::{Qwen2Vl, VlmInput};
+use miniwob_steer::models::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -23,7 +24,7 @@ pub enum Loaded {
 
 impl Loaded {
     pub fn load(m: &ModelArgs) -> Result<Self> {
-        if crate::models::qwen2_vl::is_vlm_model(&m.model) {
+        if miniwob_steer::models::qwen2_vl::is_vlm_model(&m.model) {
             let device = parse_device(&m.device)?;
             Ok(Loaded::Vlm(Box::new(Qwen2Vl::load(&m.model, &device, m.dtype.resolve_for(&device, &m.model))?)))
         } else {
@@ -124,7 +125,7 @@ fn peak_rss_mb() -> Option<f64> {
 pub fn run_extract(a: ExtractArgs) -> Result<()> {
     let images = !a.image.is_empty() || a.task.is_some();
     if !images && a.out.extension().is_some_and(|e| e == "safetensors") {
-        let legacy = crate::models::cli::ExtractArgs {
+        let legacy = crate::cli::models::ExtractArgs {
             model: a.model,
             prompt: a.prompt,
             prompts_file: a.prompts_file,
@@ -132,7 +133,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
             layers: a.layers,
             out: a.out,
         };
-        return crate::models::cli::run_extract(legacy);
+        return crate::cli::models::run_extract(legacy);
     }
     let save = match a.save_dtype.as_str() {
         "f16" => DType::F16,
@@ -141,7 +142,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     };
     let positions = a.positions.unwrap_or(if images { Positions::Image } else { Positions::Text });
     let m = Loaded::load(&a.model)?;
-    let points = super::parse_points(&a.layers, m.decoder().cfg.num_layers)?;
+    let points = miniwob_steer::interp::parse_points(&a.layers, m.decoder().cfg.num_layers)?;
     let common = json!({
         "model": m.info().name, "model_spec": a.model.model, "checkpoint": m.info().checkpoint,
         "weights_hash": m.info().weights_hash, "dtype": m.info().dtype, "positions": positions.to_string(),
@@ -173,19 +174,19 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         };
         if let Some(task) = &a.task {
             let seeds = parse_seeds(&a.seeds)?;
-            let pb = super::progress(seeds.len() as u64, "extract");
+            let pb = miniwob_steer::interp::progress(seeds.len() as u64, "extract");
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async {
-                crate::env::browser::install_signal_cleanup();
-                let mut cfg = crate::env::session::EnvConfig::default();
+                miniwob_steer::env::browser::install_signal_cleanup();
+                let mut cfg = miniwob_steer::env::session::EnvConfig::default();
                 cfg.browser.device_scale = a.scale;
-                let mut s = crate::env::Session::start(cfg).await?;
+                let mut s = miniwob_steer::env::Session::start(cfg).await?;
                 let r = async {
                     for &seed in &seeds {
                         let obs = s.reset(task, seed).await?;
                         let (img, px) = if a.som {
                             let sc = s.device_scale() as f32;
-                            (s.som_image(&obs).await?, sc * crate::env::som::enlargement(sc) as f32)
+                            (s.som_image(&obs).await?, sc * miniwob_steer::env::som::enlargement(sc) as f32)
                         } else {
                             let img = image::DynamicImage::ImageRgba8(s.screenshot_image().await?).to_rgb8();
                             (img, s.device_scale() as f32)
@@ -203,9 +204,9 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
                             "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts,
                             "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
                         let input = if a.agent_prompt {
-                            use crate::agent::AgentModel;
-                            let view = crate::agent::View { obs: &obs, screenshot: Some(&img), history: &[] };
-                            Some(vlm.turn(&crate::agent::PromptBuilder::default(), &view, None)?.input)
+                            use miniwob_steer::agent::AgentModel;
+                            let view = miniwob_steer::agent::View { obs: &obs, screenshot: Some(&img), history: &[] };
+                            Some(vlm.turn(&miniwob_steer::agent::PromptBuilder::default(), &view, None)?.input)
                         } else {
                             None
                         };
@@ -221,7 +222,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
             })?;
             pb.finish_and_clear();
         }
-        let pb = super::progress(a.image.len() as u64, "extract");
+        let pb = miniwob_steer::interp::progress(a.image.len() as u64, "extract");
         for f in &a.image {
             let img = image::open(f).with_context(|| format!("reading image {}", f.display()))?.to_rgb8();
             one(img, json!({"source": "file", "file": f.display().to_string(), "prompt": a.text}), &mut w, None)?;
@@ -239,7 +240,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
             bail!("--positions image needs images (--image or --task)");
         }
         let (dec, tok) = (m.decoder(), m.tokenizer());
-        let pb = super::progress(prompts.len() as u64, "extract");
+        let pb = miniwob_steer::interp::progress(prompts.len() as u64, "extract");
         for p in &prompts {
             let text = match &m {
                 Loaded::Text(lm) => render_prompt(lm, p, a.chat)?,
@@ -376,7 +377,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         let t0 = std::time::Instant::now();
         let mut w = index::IndexWriter::create(&a.index, meta)?;
         w.add_sentence("synthetic")?;
-        let pb = super::progress(a.slots as u64, "synthetic index");
+        let pb = miniwob_steer::interp::progress(a.slots as u64, "synthetic index");
         for s in 0..a.slots {
             let rows: Vec<Vec<f32>> = (0..a.layers).map(|_| l2(gauss(a.hidden))).collect();
             let r: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
@@ -423,7 +424,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
         );
         let sc: Vec<f32> = hits.iter().flat_map(|r| r.iter().map(|h| h.score)).collect();
         t.insert("score".into(), candle_core::Tensor::from_vec(sc, shape, &candle_core::Device::Cpu)?);
-        crate::util::save_safetensors(&t, &Default::default(), p)?;
+        miniwob_steer::util::save_safetensors(&t, &Default::default(), p)?;
     }
     Ok(())
 }
@@ -446,7 +447,7 @@ pub struct CorpusArgs {
     #[arg(long, default_value = "0..20")]
     pub seeds: String,
     /// wordnet: the database directory.
-    #[arg(long, default_value = super::corpus::WORDNET_DIR)]
+    #[arg(long, default_value = miniwob_steer::interp::corpus::WORDNET_DIR)]
     pub wordnet_dir: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
@@ -454,20 +455,20 @@ pub struct CorpusArgs {
 
 pub fn run_corpus(a: CorpusArgs) -> Result<()> {
     let lines = match a.kind.as_str() {
-        "wordnet" => super::corpus::wordnet_corpus(&a.wordnet_dir)?,
+        "wordnet" => miniwob_steer::interp::corpus::wordnet_corpus(&a.wordnet_dir)?,
         "miniwob" => {
-            let root = crate::env::html_root()?;
+            let root = miniwob_steer::env::html_root()?;
             let tasks: Vec<String> = if a.tasks == "all" {
-                crate::env::list_tasks(&root)?.into_iter().map(|t| t.name).collect()
+                miniwob_steer::env::list_tasks(&root)?.into_iter().map(|t| t.name).collect()
             } else {
                 a.tasks.split(',').map(|t| t.trim().to_string()).collect()
             };
             let seeds = parse_seeds(&a.seeds)?;
-            let pb = super::progress((tasks.len() * seeds.len()) as u64, "miniwob corpus");
+            let pb = miniwob_steer::interp::progress((tasks.len() * seeds.len()) as u64, "miniwob corpus");
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let v = rt.block_on(async {
-                crate::env::browser::install_signal_cleanup();
-                super::corpus::miniwob_corpus(&tasks, &seeds, &pb).await
+                miniwob_steer::env::browser::install_signal_cleanup();
+                miniwob_steer::interp::corpus::miniwob_corpus(&tasks, &seeds, &pb).await
             })?;
             pb.finish_and_clear();
             v
@@ -521,7 +522,7 @@ pub fn run_index(a: IndexArgs) -> Result<()> {
     }
     let m = Loaded::load(&a.model)?;
     let n = m.decoder().cfg.num_layers;
-    let points = super::parse_points(a.layers.as_deref().unwrap_or(&default_index_layers(n)), n)?;
+    let points = miniwob_steer::interp::parse_points(a.layers.as_deref().unwrap_or(&default_index_layers(n)), n)?;
     let meta = IndexMeta {
         model: m.info().name.clone(),
         weights_hash: m.info().weights_hash.clone(),
@@ -566,7 +567,7 @@ pub struct QueryArgs {
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long, default_value = "auto")]
-    pub dtype: crate::gpu::device::DTypeChoice,
+    pub dtype: miniwob_steer::models::dtype::DTypeChoice,
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value_t = 5)]
@@ -623,7 +624,7 @@ pub fn run_query(a: QueryArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut ctx_secs = 0.0;
     let mut queried = 0usize;
-    let pb = super::progress(files.len() as u64, "lens query");
+    let pb = miniwob_steer::interp::progress(files.len() as u64, "lens query");
     for f in &files {
         let item = extract::read_item(f)?;
         for (p, x) in item.points.iter().zip(&item.states) {
@@ -704,45 +705,8 @@ pub struct GroundedArgs {
     pub out: PathBuf,
 }
 
-/// The grounded tally of a `lens query` output over the extracted items' text boxes.
-pub fn grounded_tally(extracted: &Path, lens_results: &Path, k: usize) -> Result<Tally> {
-    let mut texts: std::collections::HashMap<String, Vec<TextBox>> = Default::default();
-    for f in extract::item_files(extracted)? {
-        let item = extract::read_item(&f)?;
-        let tb = item.meta.get("text_boxes").cloned().with_context(|| {
-            format!("{}: no `text_boxes` in the metadata (extract with --task to get the DOM)", f.display())
-        })?;
-        texts.insert(
-            item.name,
-            serde_json::from_value(tb).with_context(|| format!("{}: bad `text_boxes`", f.display()))?,
-        );
-    }
-    let f = std::fs::File::open(lens_results).with_context(|| format!("reading {}", lens_results.display()))?;
-    let mut tally = Tally::default();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let v: Value = serde_json::from_str(&line?)
-            .with_context(|| format!("{}:{}: invalid JSON", lens_results.display(), i + 1))?;
-        let field = |k: &str| v.get(k).with_context(|| format!("{}:{}: no field `{k}`", lens_results.display(), i + 1));
-        let item = field("item")?.as_str().unwrap_or_default();
-        let Some(tb) = texts.get(item) else {
-            bail!("{}:{}: item {item} is not in {}", lens_results.display(), i + 1, extracted.display())
-        };
-        let b: [f32; 4] = serde_json::from_value(field("box")?.clone()).with_context(|| {
-            format!("{}:{}: `box` is not four numbers (not image positions?)", lens_results.display(), i + 1)
-        })?;
-        let words = grounded::words_under(&b, tb);
-        if words.is_empty() {
-            continue;
-        }
-        let nb: Vec<Neighbour> = serde_json::from_value(field("neighbours")?.clone())?;
-        let ok = grounded::is_grounded(nb.iter().take(k).map(|n| n.token.as_str()), &words);
-        tally.add(field("lens")?.as_str().unwrap_or_default(), field("hook_point")?.as_str().unwrap_or_default(), ok);
-    }
-    Ok(tally)
-}
-
 pub fn run_grounded(a: GroundedArgs) -> Result<()> {
-    let tally = grounded_tally(&a.extracted, &a.lens_results, a.k)?;
+    let tally = grounded::tally_lens_results(&a.extracted, &a.lens_results, a.k)?;
     if tally.counts.is_empty() {
         bail!("no vision token overlaps a DOM text box in {}", a.extracted.display());
     }
@@ -755,7 +719,11 @@ pub fn run_grounded(a: GroundedArgs) -> Result<()> {
         .into_iter()
         .map(|l| (l.clone(), tally.points.iter().map(|p| tally.rate(&l, p)).collect()))
         .collect();
-    let png = super::plot::line_plot(&format!("grounded rate (top-{}) per layer", a.k), &tally.points, &series)?;
+    let png = miniwob_steer::interp::plot::line_plot(
+        &format!("grounded rate (top-{}) per layer", a.k),
+        &tally.points,
+        &series,
+    )?;
     std::fs::write(a.out.join("grounded.png"), png)?;
     println!("{md}");
     tracing::info!("wrote {}/grounded.{{md,csv,png}}", a.out.display());

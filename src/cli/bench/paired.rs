@@ -28,19 +28,20 @@
 //!
 //! Prints a markdown table and, with `--json FILE`, the numbers that scripts/gpu-check.sh puts
 //! beside the peer's.
-use super::device::{self, device_name};
-use crate::agent::prompt::hash16;
-use crate::models::cli::{parse_device, ModelArgs};
-use crate::models::config::DecoderConfig;
-use crate::models::decoder::Decoder;
-use crate::models::generate::{self, GenerateConfig};
-use crate::models::load::LoadedModel;
-use crate::models::qwen2_vl::model::{Qwen2Vl, VlmInput};
-use crate::models::registry;
-use crate::models::{Captures, HookPoint, HookSpec, Positions, StepInfo};
+use crate::cli::models::ModelArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use image::RgbImage;
+use miniwob_steer::agent::prompt::hash16;
+use miniwob_steer::device::parse_device;
+use miniwob_steer::device::{self, device_name};
+use miniwob_steer::models::config::DecoderConfig;
+use miniwob_steer::models::decoder::Decoder;
+use miniwob_steer::models::generate::{self, GenerateConfig};
+use miniwob_steer::models::load::LoadedModel;
+use miniwob_steer::models::qwen2_vl::model::{Qwen2Vl, VlmInput};
+use miniwob_steer::models::registry;
+use miniwob_steer::models::workload::{vlm_workload, workload_ids, TEXT_PROMPT_TOKENS, VLM_PROMPT_TOKENS};
+use miniwob_steer::models::{Captures, HookPoint, HookSpec, Positions, StepInfo};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,31 +76,6 @@ pub struct BenchPairedArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Default prompt lengths of the two workloads.
-pub const TEXT_PROMPT_TOKENS: usize = 400;
-pub const VLM_PROMPT_TOKENS: usize = 487;
-
-/// The prompt of the text workload: `n` ordinary (non-special) token ids, identical in the peer
-/// (scripts/peer/hf_paired.py `workload_ids`).
-pub fn workload_ids(n: usize) -> Vec<u32> {
-    (0..n).map(|i| 1000 + ((i as u64 * 7919) % 20000) as u32).collect()
-}
-
-/// The VLM workload's text: its token ids (the model's tokenizer, no special tokens) are cycled
-/// to the length the prompt needs. Identical in the peer (`VLM_FILLER`).
-pub const VLM_FILLER: &str =
-    "Click the button labelled Submit, then type the name into the text field and press Enter. ";
-
-/// The VLM workload's picture, `width`×`height` RGB: pixel (x, y) is
-/// ((7x + 13y) mod 256, (3x + 5y + 100) mod 256, xy mod 256). Identical in the peer
-/// (`workload_image`).
-pub fn workload_image(width: u32, height: u32) -> RgbImage {
-    RgbImage::from_fn(width, height, |x, y| {
-        let (x, y) = (x as u64, y as u64);
-        image::Rgb([((7 * x + 13 * y) % 256) as u8, ((3 * x + 5 * y + 100) % 256) as u8, ((x * y) % 256) as u8])
-    })
-}
-
 /// `WIDTHxHEIGHT`.
 pub fn parse_image_size(s: &str) -> Result<(u32, u32)> {
     let (w, h) = s.split_once(['x', 'X', '×']).with_context(|| format!("--image-size {s}: expected WIDTHxHEIGHT"))?;
@@ -108,31 +84,6 @@ pub fn parse_image_size(s: &str) -> Result<(u32, u32)> {
         (Some(w), Some(h)) => Ok((w, h)),
         _ => bail!("--image-size {s}: expected two positive integers, WIDTHxHEIGHT"),
     }
-}
-
-/// The VLM workload's prompt: the chat template of one user turn with `workload_image(w, h)`
-/// then an empty text (`Qwen2Vl::user_prompt`: template, processor, pad expansion), and
-/// `VLM_FILLER`'s ids cycled into the text slot (right after `<|vision_end|>`) so that the
-/// prompt has `prompt_tokens` ids in all.
-pub fn vlm_workload(m: &Qwen2Vl, prompt_tokens: usize, (w, h): (u32, u32)) -> Result<VlmInput> {
-    let base = m.user_prompt(&[workload_image(w, h)], "")?;
-    let end = m.cfg.vision_end_token_id;
-    let at = match base.ids.iter().position(|&t| t == end) {
-        Some(i) if base.ids.iter().filter(|&&t| t == end).count() == 1 => i + 1,
-        _ => bail!("the rendered one-image prompt must hold exactly one <|vision_end|> ({end})"),
-    };
-    let Some(text) = prompt_tokens.checked_sub(base.ids.len()) else {
-        bail!(
-            "--prompt-tokens {prompt_tokens} is below the {} tokens of the chat template and the {w}x{h} image alone",
-            base.ids.len()
-        );
-    };
-    let filler = m.tokenizer.encode(VLM_FILLER, false)?;
-    let mut ids = Vec::with_capacity(prompt_tokens);
-    ids.extend_from_slice(&base.ids[..at]);
-    ids.extend((0..text).map(|i| filler[i % filler.len()]));
-    ids.extend_from_slice(&base.ids[at..]);
-    Ok(VlmInput { ids, images: base.images })
 }
 
 /// What one `bench paired` run measured (seconds, tokens/s, bytes).
@@ -318,8 +269,8 @@ pub enum BenchModel {
 
 impl BenchModel {
     /// A Qwen2-VL model (registry modality or directory) loads with its vision tower.
-    pub fn load(spec: &str, dev: &Device, dtype: crate::models::weights::WeightDType) -> Result<Self> {
-        if crate::models::qwen2_vl::is_vlm_model(spec) {
+    pub fn load(spec: &str, dev: &Device, dtype: miniwob_steer::models::weights::WeightDType) -> Result<Self> {
+        if miniwob_steer::models::qwen2_vl::is_vlm_model(spec) {
             Ok(Self::Vlm(Box::new(Qwen2Vl::load(spec, dev, dtype)?)))
         } else {
             Ok(Self::Text(Box::new(LoadedModel::load(spec, dev, dtype)?)))
@@ -335,8 +286,13 @@ struct Shape<'a> {
 }
 
 fn ensure_fits(s: &Shape, dev: &Device, batch: usize, new_tokens: usize, captured_layers: usize) -> Result<()> {
-    let shape = super::memory::BatchShape { batch, prompt_tokens: s.prompt_tokens, new_tokens, captured_layers };
-    super::memory::ensure_batch_fits(s.cfg, s.dtype, dev, shape)
+    let shape = miniwob_steer::models::memory::BatchShape {
+        batch,
+        prompt_tokens: s.prompt_tokens,
+        new_tokens,
+        captured_layers,
+    };
+    miniwob_steer::models::memory::ensure_batch_fits(s.cfg, s.dtype, dev, shape)
 }
 
 pub fn measure(m: &BenchModel, dev: &Device, a: &BenchPairedArgs) -> Result<PairedResult> {

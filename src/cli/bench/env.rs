@@ -1,7 +1,7 @@
 //! `bench env`: episodes/s of reset + observe + click + reward with 1 and 2 sessions.
-use super::session::{EnvConfig, Observation};
-use super::{Action, Pool};
 use anyhow::{Context, Result};
+use miniwob_steer::env::{Action, Pool};
+use miniwob_steer::env::{EnvConfig, Observation};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -44,7 +44,7 @@ pub fn run(a: BenchEnvArgs) -> Result<()> {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
-        super::browser::install_signal_cleanup();
+        miniwob_steer::env::browser::install_signal_cleanup();
         println!(
             "bench env: task {}, {} episodes per row, reset(+observe) + click + reward; cores: {}",
             a.task,

@@ -83,12 +83,12 @@ pub fn check_fits(shape: BatchShape, need: MemoryNeed, free: u64, total: u64, de
 /// Estimates and checks a batch against the device's free memory. A no-op on the CPU (the
 /// operating system's memory is not the scarce resource there, and swapping is not a crash).
 pub fn ensure_batch_fits(cfg: &DecoderConfig, dtype: DType, device: &Device, shape: BatchShape) -> Result<()> {
-    let Some((free, total)) = super::device::mem_info(device)? else {
+    let Some((free, total)) = crate::device::mem_info(device)? else {
         return Ok(());
     };
     let need = estimate(cfg, dtype, shape);
     tracing::debug!(?shape, ?need, free, "device memory check");
-    check_fits(shape, need, free as u64, total as u64, &super::device::device_name(device))
+    check_fits(shape, need, free as u64, total as u64, &crate::device::device_name(device))
 }
 
 /// [`ensure_batch_fits`] for a batch of `prompts` about to run through `model` (the check
