@@ -133,10 +133,59 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Where a checkpoint keeps its hidden size: the top level, `text_config` (Qwen2-VL, Qwen3-VL),
+/// or else the embedding's shape `[vocab, hidden]` in the safetensors headers beside `config`
+/// (only the headers are read). Inserts the last as a top-level `hidden_size`; an error names
+/// every place it looked.
+pub fn hidden_size_from_weights(v: &mut Value, config: &Path) -> Result<()> {
+    if get(v, "hidden_size").is_some() || v.get("text_config").and_then(|t| get(t, "hidden_size")).is_some() {
+        return Ok(());
+    }
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    for f in &files {
+        use std::io::Read;
+        let mut fh = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut n = [0u8; 8];
+        fh.read_exact(&mut n).with_context(|| format!("{}: not a safetensors file", f.display()))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 {
+            bail!("{}: safetensors header of {n} bytes; not a safetensors file", f.display());
+        }
+        let mut h = vec![0u8; n as usize];
+        fh.read_exact(&mut h).with_context(|| format!("{}: truncated safetensors header", f.display()))?;
+        let h: Value =
+            serde_json::from_slice(&h).with_context(|| format!("{}: safetensors header is not JSON", f.display()))?;
+        let found = h.as_object().and_then(|o| {
+            o.iter()
+                .find(|(k, _)| k.ends_with("embed_tokens.weight"))
+                .and_then(|(_, t)| t.get("shape")?.get(1)?.as_u64())
+        });
+        if let (Some(hidden), Some(obj)) = (found, v.as_object_mut()) {
+            tracing::debug!("{}: hidden_size {hidden} from the embedding shape in {}", config.display(), f.display());
+            obj.insert("hidden_size".into(), Value::from(hidden));
+            return Ok(());
+        }
+    }
+    bail!(
+        "{}: no `hidden_size` at the top level or in `text_config`, and no `*embed_tokens.weight` tensor in the {} safetensors file(s) of {} to read it from",
+        config.display(),
+        files.len(),
+        dir.display()
+    )
+}
+
 impl DecoderConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let mut v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        hidden_size_from_weights(&mut v, path)?;
         Self::from_json(&v, &path.display().to_string())
     }
 

@@ -114,7 +114,9 @@ pub fn qwen25_message(file: &str, evidence: &str) -> String {
 impl Qwen2VlConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let mut v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        crate::models::config::hidden_size_from_weights(&mut v, path)?;
         Self::from_json(&v, &path.display().to_string())
     }
 
