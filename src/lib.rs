@@ -6,5 +6,6 @@ pub mod env;
 pub mod experiment;
 pub mod interp;
 pub mod models;
+pub mod probe;
 pub mod steering;
 pub mod util;

@@ -1,0 +1,124 @@
+//! Steering gated by a probe (conditional activation steering, CAST, on agent episodes): a row is
+//! steered on a step only when the probe, read at its hook point on that step's unsteered prompt,
+//! gives the gate class a probability ≥ the threshold.
+//!
+//! The reading is the head's own pooling over the row's real prompt tokens at the head's hook
+//! point, exactly what `probe features` stored for training, so a gate's probability on a prompt
+//! equals the trained head's probability on that prompt's features (tested). Rows gate
+//! independently: the decision becomes the row's coefficient (α or 0) in the batch's per-row
+//! coefficients, and α = 0 leaves a row bit-identical to no steering.
+use super::features::{self, Pool};
+use super::head::Head;
+use crate::models::decoder::Decoder;
+use crate::models::generate;
+use crate::models::hooks::{Captures, HookPoint, HookSpec};
+use crate::models::load::ModelInfo;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::path::Path;
+
+/// What a result line records per step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GateDecision {
+    /// p(gate class) from the head.
+    pub probability: f32,
+    /// probability ≥ threshold: the row is steered on this step.
+    pub on: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub head: Head,
+    pub class: usize,
+    pub threshold: f32,
+    pub point: HookPoint,
+}
+
+impl Gate {
+    /// `run --gate FILE --gate-class C --gate-threshold P`.
+    pub fn load(path: &Path, class: &str, threshold: f32) -> Result<Self> {
+        let head = Head::load(path)?;
+        if !(0.0..=1.0).contains(&threshold) {
+            bail!("--gate-threshold {threshold}: a probability in [0, 1]");
+        }
+        let class = head.class_index(class).with_context(|| format!("--gate-class for {}", path.display()))?;
+        let point = head.point()?;
+        Ok(Self { head, class, threshold, point })
+    }
+
+    /// Refuses a model whose hidden size differs; warns when the weights differ from the ones
+    /// the head was trained on.
+    pub fn check_model(&self, info: &ModelInfo) -> Result<()> {
+        if info.hidden_size != self.head.meta.hidden_size {
+            bail!(
+                "the gate head expects hidden size {} ({}), the model {} has {}",
+                self.head.meta.hidden_size,
+                self.head.meta.model,
+                info.name,
+                info.hidden_size
+            );
+        }
+        if info.weights_hash != self.head.meta.weights_hash {
+            tracing::warn!(
+                "the gate head was trained on {} (weights {}), the run uses {} (weights {})",
+                self.head.meta.model,
+                self.head.meta.weights_hash,
+                info.name,
+                info.weights_hash
+            );
+        }
+        Ok(())
+    }
+
+    /// The hook point the run loop must capture on the step's prefill.
+    pub fn capture_point(&self) -> HookPoint {
+        self.point
+    }
+
+    /// Whether the head was trained on chat-templated prompts (the agent's prompts are).
+    pub fn chat(&self) -> bool {
+        self.head.meta.chat
+    }
+
+    /// The decision for one already pooled feature `[hidden]`.
+    pub fn decide_pooled(&self, x: &[f32]) -> Result<GateDecision> {
+        let p = self.head.probs(x)?;
+        let probability = p.first().context("no probability")?[self.class];
+        Ok(GateDecision { probability, on: probability >= self.threshold })
+    }
+
+    /// The decision for one row's states at the gate's point over its real prompt tokens
+    /// (`[tokens, hidden]`, padding removed); `image` marks image tokens (VLM rows).
+    pub fn decide_states(&self, states: &Tensor, image: &[bool]) -> Result<GateDecision> {
+        let x = states.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let pooled = features::pool(&x, self.head.meta.pool, image)?;
+        self.decide_pooled(&pooled.to_vec1::<f32>()?)
+    }
+
+    /// Decisions for the rows of a captured prefill: `caps` holds the gate's point
+    /// (`[batch, seq, hidden]`, left-padded by `pads`); `lens` are the prompt lengths.
+    pub fn decide_captured(&self, caps: &Captures, pads: &[usize], lens: &[usize]) -> Result<Vec<GateDecision>> {
+        let s = caps.get(self.point)?;
+        (0..pads.len()).map(|r| self.decide_states(&s.get(r)?.narrow(0, pads[r], lens[r])?, &[])).collect()
+    }
+
+    /// A capture-only prefill of the (unsteered, already tokenized) prompts and one decision per
+    /// prompt. Costs one prefill; a run loop that already prefills the baseline row with a
+    /// capture of [`capture_point`](Self::capture_point) can call
+    /// [`decide_captured`](Self::decide_captured) on it instead.
+    pub fn read_prompts(&self, decoder: &Decoder, prompts: &[Vec<u32>], pad_id: u32) -> Result<Vec<GateDecision>> {
+        if self.head.meta.pool == Pool::ImageMean {
+            bail!("this gate pools image tokens; read it on the VLM prefill with decide_states");
+        }
+        let spec = HookSpec::none().capture(self.point);
+        let (_logits, caps, pads) = generate::prefill(decoder, prompts, pad_id, &spec)?;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        self.decide_captured(&caps, &pads, &lens)
+    }
+
+    /// Per-row coefficients: `alpha` where the gate is on, 0 where it is off.
+    pub fn coeffs(decisions: &[GateDecision], alpha: f32) -> Vec<f32> {
+        decisions.iter().map(|d| if d.on { alpha } else { 0.0 }).collect()
+    }
+}
