@@ -9,47 +9,12 @@ use miniwob_steer::interp::index::{self, Index, IndexMeta};
 use miniwob_steer::interp::lens::{self, EmbeddingLens, Neighbour};
 use miniwob_steer::models::decoder::Decoder;
 use miniwob_steer::models::hooks::{HookPoint, Positions};
-use miniwob_steer::models::load::{LoadedModel, ModelInfo};
+use miniwob_steer::models::load::{Loaded, LoadedModel, ModelInfo};
 use miniwob_steer::models::qwen2_vl::{Qwen2Vl, VlmInput};
 use miniwob_steer::models::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-
-/// A text model or a Qwen2-VL: the lenses need only the LLM backbone and its tokenizer.
-pub enum Loaded {
-    Text(Box<LoadedModel>),
-    Vlm(Box<Qwen2Vl>),
-}
-
-impl Loaded {
-    pub fn load(m: &ModelArgs) -> Result<Self> {
-        if miniwob_steer::models::qwen2_vl::is_vlm_model(&m.model) {
-            let device = parse_device(&m.device)?;
-            Ok(Loaded::Vlm(Box::new(Qwen2Vl::load(&m.model, &device, m.dtype.resolve_for(&device, &m.model))?)))
-        } else {
-            Ok(Loaded::Text(Box::new(m.load()?)))
-        }
-    }
-    pub fn decoder(&self) -> &Decoder {
-        match self {
-            Loaded::Text(m) => &m.decoder,
-            Loaded::Vlm(m) => &m.decoder,
-        }
-    }
-    pub fn tokenizer(&self) -> &Tokenizer {
-        match self {
-            Loaded::Text(m) => &m.tokenizer,
-            Loaded::Vlm(m) => &m.tokenizer,
-        }
-    }
-    pub fn info(&self) -> &ModelInfo {
-        match self {
-            Loaded::Text(m) => &m.info,
-            Loaded::Vlm(m) => &m.info,
-        }
-    }
-}
 
 /// `A..B` (B excluded), `A..=B`, or a comma-separated list.
 pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
@@ -141,7 +106,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         o => bail!("--save-dtype {o}: expected f16 or f32"),
     };
     let positions = a.positions.unwrap_or(if images { Positions::Image } else { Positions::Text });
-    let m = Loaded::load(&a.model)?;
+    let m = a.model.load_any()?;
     let points = miniwob_steer::interp::parse_points(&a.layers, m.decoder().cfg.num_layers)?;
     let common = json!({
         "model": m.info().name, "model_spec": a.model.model, "checkpoint": m.info().checkpoint,
@@ -520,7 +485,7 @@ pub fn run_index(a: IndexArgs) -> Result<()> {
     if let Some(n) = a.max_sentences {
         sentences.truncate(n);
     }
-    let m = Loaded::load(&a.model)?;
+    let m = a.model.load_any()?;
     let n = m.decoder().cfg.num_layers;
     let points = miniwob_steer::interp::parse_points(a.layers.as_deref().unwrap_or(&default_index_layers(n)), n)?;
     let meta = IndexMeta {
@@ -600,7 +565,7 @@ pub fn run_query(a: QueryArgs) -> Result<()> {
                     .to_string()
             }
         };
-        Some(Loaded::load(&ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone() })?)
+        Some(ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone() }.load_any()?)
     } else {
         None
     };

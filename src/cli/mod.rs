@@ -8,6 +8,7 @@ pub mod env;
 pub mod goldens;
 pub mod interp;
 pub mod models;
+pub mod probe;
 pub mod run;
 pub mod vector;
 
@@ -42,6 +43,8 @@ enum Command {
     Run(run::RunArgs),
     /// Compare against the committed transformers goldens on this device (no cargo needed; docs/cuda.md).
     CheckGoldens(goldens::CheckGoldensArgs),
+    /// Probes and router heads on pooled hidden states: data, features, train, eval, sweep.
+    Probe(probe::ProbeArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -62,5 +65,6 @@ pub fn main() -> Result<()> {
         Command::Play(a) => env::run_play(a),
         Command::Run(a) => run::run(a),
         Command::CheckGoldens(a) => goldens::run(a),
+        Command::Probe(a) => probe::run(a),
     }
 }

@@ -27,6 +27,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// A text model, or a Qwen2-VL with its vision tower.
+    pub fn load_any(&self) -> Result<miniwob_steer::models::load::Loaded> {
+        miniwob_steer::models::load::Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)
+    }
+
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
         LoadedModel::load(&self.model, &device, self.dtype.resolve_for(&device, &self.model))

@@ -40,6 +40,14 @@ pub enum VectorAction {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A linear probe head's class direction (unit norm, at the head's layer) as a vector file.
+    FromProbe {
+        head: PathBuf,
+        #[arg(long)]
+        class: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +124,11 @@ pub fn run(a: VectorArgs) -> Result<()> {
         Some(VectorAction::Import { gguf, model, out }) => {
             let m = model.load()?;
             SteeringVector::import_gguf(&gguf, &m.info)?.save(&out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Some(VectorAction::FromProbe { head, class, out }) => {
+            miniwob_steer::probe::Head::load(&head)?.to_vector(&class)?.save(&out)?;
             eprintln!("wrote {}", out.display());
             Ok(())
         }

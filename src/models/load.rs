@@ -126,3 +126,39 @@ impl LoadedModel {
         Ok(Self { decoder, tokenizer, info })
     }
 }
+
+/// A text model or a Qwen2-VL: the lenses need only the LLM backbone and its tokenizer.
+pub enum Loaded {
+    Text(Box<LoadedModel>),
+    Vlm(Box<super::qwen2_vl::Qwen2Vl>),
+}
+
+impl Loaded {
+    /// A Qwen2-VL model (registry modality or directory) loads with its vision tower.
+    pub fn load(spec: &str, device: &Device, dtype: super::dtype::DTypeChoice) -> Result<Self> {
+        let dtype = dtype.resolve_for(device, spec);
+        if super::qwen2_vl::is_vlm_model(spec) {
+            Ok(Loaded::Vlm(Box::new(super::qwen2_vl::Qwen2Vl::load(spec, device, dtype)?)))
+        } else {
+            Ok(Loaded::Text(Box::new(LoadedModel::load(spec, device, dtype)?)))
+        }
+    }
+    pub fn decoder(&self) -> &Decoder {
+        match self {
+            Loaded::Text(m) => &m.decoder,
+            Loaded::Vlm(m) => &m.decoder,
+        }
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            Loaded::Text(m) => &m.tokenizer,
+            Loaded::Vlm(m) => &m.tokenizer,
+        }
+    }
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Loaded::Text(m) => &m.info,
+            Loaded::Vlm(m) => &m.info,
+        }
+    }
+}

@@ -242,7 +242,7 @@ pub fn rows_from_observations(
                 let rel = PathBuf::from("images").join(format!("{}-{}.png", o.task, o.seed));
                 std::fs::create_dir_all(dir.join("images"))?;
                 std::fs::write(dir.join(&rel), png).with_context(|| format!("writing {}", dir.join(&rel).display()))?;
-                (crate::agent::vlm::vlm_user_text(o, &[], None), Some(rel))
+                (pb.user_text(o, &[], true, None), Some(rel))
             }
             _ => (pb.user_text(o, &[]), None),
         };

@@ -7,7 +7,7 @@
 //! weights hash, hook points, pooling, classes, shards). A shard is written when it fills, so
 //! memory stays flat whatever the dataset's size.
 use super::data::Dataset;
-use crate::interp::cli::Loaded;
+use crate::models::load::Loaded;
 use crate::models::generate;
 use crate::models::hooks::{HookPoint, HookSpec};
 use crate::models::tokenizer::ChatMessage;
