@@ -279,6 +279,7 @@ fn text_pipeline_end_to_end_on_smollm2() {
     let out = run(&["probe", "sweep", "--features", s(&feats), "--epochs", "20", "--out", s(&sw)]);
     assert!(out.contains("blocks.0.hook_resid_post") && out.contains("blocks.29.hook_resid_post"), "{out}");
     assert!(std::fs::read(sw.join("sweep.png")).unwrap().starts_with(b"\x89PNG"));
+    assert!(Head::load(&sw.join("heads/blocks.14.hook_resid_post.safetensors")).is_ok());
     let vec = dir.path().join("v.safetensors");
     run(&["vector", "from-probe", s(&head), "--class", "math", "--out", s(&vec)]);
     let v = miniwob_steer::steering::vector::SteeringVector::load(&vec).unwrap();

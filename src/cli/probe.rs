@@ -27,6 +27,23 @@ pub enum ProbeCmd {
     Eval(EvalArgs),
     /// Train and evaluate a head per layer: one table and a plot.
     Sweep(SweepArgs),
+    /// A gate's probability and decision on each prompt of a dataset (what `run --gate` decides per step).
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A text dataset (JSONL, `text` = the user turn, as `probe data` writes it).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub gate: PathBuf,
+    #[arg(long)]
+    pub gate_class: String,
+    #[arg(long, default_value_t = 0.5)]
+    pub gate_threshold: f32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,7 +190,7 @@ pub struct SweepArgs {
     pub layers: String,
     #[command(flatten)]
     pub head: HeadArgs,
-    /// Writes sweep.md, sweep.csv, sweep.json and sweep.png here.
+    /// Writes sweep.md, sweep.csv, sweep.json, sweep.png and heads/<hook point>.safetensors here.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -185,6 +202,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         ProbeCmd::Train(a) => run_train(a),
         ProbeCmd::Eval(a) => run_eval(a),
         ProbeCmd::Sweep(a) => run_sweep(a),
+        ProbeCmd::Gate(a) => run_gate(a),
     }
 }
 
@@ -319,7 +337,7 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
         a.layers.split(',').map(|s| fs.point(s.trim()).map(|p| p.to_string())).collect::<Result<_>>()?
     };
     let cfg = a.head.config()?;
-    let rows = eval::sweep(&fs, &points, &cfg)?;
+    let rows = eval::sweep(&fs, &points, &cfg, Some(&a.out.join("heads")))?;
     std::fs::create_dir_all(&a.out)?;
     let md = eval::sweep_markdown(&rows);
     println!("{md}");
@@ -334,5 +352,36 @@ fn run_sweep(a: SweepArgs) -> Result<()> {
     );
     write(&a.out.join("sweep.png"), eval::sweep_png(&rows, &title)?)?;
     eprintln!("wrote {}/sweep.{{md,csv,json,png}}", a.out.display());
+    Ok(())
+}
+
+fn run_gate(a: GateArgs) -> Result<()> {
+    let gate = miniwob_steer::probe::gate::Gate::load(&a.gate, &a.gate_class, a.gate_threshold)?;
+    let ds = data::read(&a.data)?;
+    let m = a.model.load()?;
+    gate.check_model(&m.info)?;
+    let tok = &m.tokenizer;
+    let pad = tok.pad_token_id().unwrap_or(0);
+    let mut on = 0usize;
+    let pb = miniwob_steer::interp::progress(ds.rows.len() as u64, "probe gate");
+    for (i, r) in ds.rows.iter().enumerate() {
+        let ids = features::encode_text(tok, &r.text, gate.chat())?;
+        let d = gate.read_prompts(&m.decoder, &[ids], pad)?[0];
+        on += usize::from(d.on);
+        println!(
+            "{}",
+            serde_json::json!({"row": i, "label": r.label, "meta": r.meta, "probability": d.probability, "on": d.on})
+        );
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "gate `{}` ≥ {} at {}: on for {on} of {} prompts ({:.1}%)",
+        a.gate_class,
+        a.gate_threshold,
+        gate.point,
+        ds.rows.len(),
+        100.0 * on as f64 / ds.rows.len() as f64
+    );
     Ok(())
 }

@@ -295,8 +295,15 @@ pub struct SweepRow {
     pub seconds_per_epoch: f64,
 }
 
-/// Trains and evaluates (test split) one head per hook point of `features` in `points`.
-pub fn sweep(features: &FeatureSet, points: &[String], cfg: &TrainConfig) -> Result<Vec<SweepRow>> {
+/// Trains and evaluates (test split) one head per hook point of `features` in `points`; with
+/// `heads`, saves each head there as `<hook point>.safetensors` (for `eval`, `vector from-probe`
+/// and the scikit-learn peer, which reads their splits).
+pub fn sweep(
+    features: &FeatureSet,
+    points: &[String],
+    cfg: &TrainConfig,
+    heads: Option<&std::path::Path>,
+) -> Result<Vec<SweepRow>> {
     let mut out = Vec::new();
     let pb = crate::interp::progress(points.len() as u64, "probe sweep");
     for p in points {
@@ -304,6 +311,10 @@ pub fn sweep(features: &FeatureSet, points: &[String], cfg: &TrainConfig) -> Res
         let (x, labels) = features.load(point)?;
         let (head, rep) = train::train(&x, &labels, cfg, base_meta(features, &point.to_string()))?;
         let m = evaluate(&head, features, Which::Test)?;
+        if let Some(dir) = heads {
+            std::fs::create_dir_all(dir)?;
+            head.save(&dir.join(format!("{point}.safetensors")))?;
+        }
         if let Some(w) = collapse_warning(&m) {
             tracing::warn!("{point}: {w}");
         }

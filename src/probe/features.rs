@@ -81,6 +81,16 @@ pub fn pool(x: &Tensor, how: Pool, image: &[bool]) -> Result<Tensor> {
     })
 }
 
+/// The token ids of a text row: with `chat`, the model's chat template (one user turn and the
+/// generation prompt, the agent's prompt shape); else the text with the tokenizer's special tokens.
+pub fn encode_text(tok: &crate::models::tokenizer::Tokenizer, text: &str, chat: bool) -> Result<Vec<u32>> {
+    if chat {
+        tok.encode(&tok.apply_chat_template(&[ChatMessage::new("user", text)], true)?, false)
+    } else {
+        tok.encode(text, true)
+    }
+}
+
 /// What `probe features` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -145,6 +155,9 @@ impl Writer {
         }
         self.labels.push(class as i64);
         self.ids.push(row as i64);
+        if (row + 1) % 50 == 0 {
+            tracing::info!("probe features: {} rows", row + 1);
+        }
         if self.labels.len() >= shard_rows {
             self.flush()?;
         }
@@ -215,12 +228,7 @@ pub fn compute(model: &Loaded, data: &Dataset, opts: &Options, out: &Path) -> Re
             for (b, chunk) in data.rows.chunks(opts.batch.max(1)).enumerate() {
                 let mut ids = Vec::with_capacity(chunk.len());
                 for r in chunk {
-                    let text = if opts.chat {
-                        tok.apply_chat_template(&[ChatMessage::new("user", &r.text)], true)?
-                    } else {
-                        r.text.clone()
-                    };
-                    let v = tok.encode(&text, !opts.chat)?;
+                    let v = encode_text(tok, &r.text, opts.chat)?;
                     if v.is_empty() {
                         bail!("{}: row {} encodes to no tokens", opts.dataset, b * opts.batch.max(1) + ids.len());
                     }
