@@ -244,7 +244,7 @@ pub fn rows_from_observations(
                 std::fs::write(dir.join(&rel), png).with_context(|| format!("writing {}", dir.join(&rel).display()))?;
                 (pb.user_text(o, &[], true, None), Some(rel))
             }
-            _ => (pb.user_text(o, &[]), None),
+            _ => (pb.user_text(o, &[], false, None), None),
         };
         rows.push(Row { text, image, label: label.clone(), meta });
     }
