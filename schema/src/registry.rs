@@ -153,6 +153,16 @@ pub const REGISTRY: &[Entry] = &[
         source: Source::Hub { repo: "microsoft/Phi-3.5-mini-instruct" },
     },
     Entry {
+        alias: "qwen3-4b",
+        series: "Qwen3",
+        checkpoint: "Qwen/Qwen3-4B",
+        family: "qwen3",
+        params: "4B",
+        layers: 36,
+        modality: Modality::Text,
+        source: Source::Hub { repo: "Qwen/Qwen3-4B" },
+    },
+    Entry {
         alias: "qwen-vl-2b",
         series: "Qwen2-VL (VLM)",
         checkpoint: "Qwen/Qwen2-VL-2B-Instruct",

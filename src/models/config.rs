@@ -1,5 +1,5 @@
 //! Decoder configuration: one struct of axes that covers the text families (Llama / SmolLM2,
-//! Qwen2 / Qwen2.5, Gemma, Gemma2), parsed from a transformers `config.json` (flat, or nested
+//! Qwen2 / Qwen2.5, Qwen3, Gemma, Gemma2), parsed from a transformers `config.json` (flat, or nested
 //! under `text_config` as multimodal checkpoints do) or from GGUF metadata.
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -9,6 +9,8 @@ use std::path::Path;
 pub enum Family {
     Llama,
     Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k before RoPE, no QKV bias, explicit `head_dim`.
+    Qwen3,
     Gemma,
     Gemma2,
 }
@@ -18,6 +20,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
             Family::Gemma => "gemma",
             Family::Gemma2 => "gemma2",
         }
@@ -69,6 +72,9 @@ pub struct DecoderConfig {
     /// RMSNorm multiplies by `(offset + w)`: 0 for Llama/Qwen2, 1 for Gemma.
     pub norm_offset: f64,
     pub qkv_bias: bool,
+    /// Qwen3: RMSNorm over each head's `head_dim` values of q and k (weights `[head_dim]`,
+    /// shared by the heads), after the projection and before RoPE.
+    pub qk_norm: bool,
     /// Embeddings are multiplied by this (Gemma: sqrt(hidden_size)).
     pub embed_scale: Option<f64>,
     pub tie_word_embeddings: bool,
@@ -206,14 +212,16 @@ impl DecoderConfig {
             (t, _, _) if t.starts_with("gemma2") => Family::Gemma2,
             ("gemma", _, _) => Family::Gemma,
             (t, _, _) if t.starts_with("qwen2") => Family::Qwen2,
+            ("qwen3", _, _) => Family::Qwen3,
             (t, _, _) if t == "llama" || t == "smollm" || t == "smollm2" => Family::Llama,
             (_, _, a) if a.starts_with("Gemma2") => Family::Gemma2,
             (_, _, a) if a.starts_with("Gemma") => Family::Gemma,
             (_, _, a) if a.starts_with("Qwen2") => Family::Qwen2,
+            (_, _, a) if a.starts_with("Qwen3ForCausalLM") => Family::Qwen3,
             (_, _, a) if a.starts_with("Llama") => Family::Llama,
             _ => bail!(
                 "{file}: unknown architecture (model_type `{text_type}`, architectures [{arch}]); \
-                 supported: llama (Llama-3.x, SmolLM2), qwen2 (Qwen2, Qwen2.5, Qwen2-VL text), gemma, gemma2"
+                 supported: llama (Llama-3.x, SmolLM2), qwen2 (Qwen2, Qwen2.5, Qwen2-VL text), qwen3, gemma, gemma2"
             ),
         };
         let hidden_size = req_usize(&v, "hidden_size", file)?;
@@ -278,7 +286,7 @@ impl DecoderConfig {
         let sliding_window = opt_usize(&v, "sliding_window", file)?;
         let use_sliding = match family {
             Family::Gemma2 => true,
-            Family::Qwen2 => get(&v, "use_sliding_window").and_then(|b| b.as_bool()).unwrap_or(false),
+            Family::Qwen2 | Family::Qwen3 => get(&v, "use_sliding_window").and_then(|b| b.as_bool()).unwrap_or(false),
             _ => false,
         };
         let sliding_layers: Vec<bool> = match get(&v, "layer_types").and_then(|l| l.as_array()) {
@@ -320,6 +328,7 @@ impl DecoderConfig {
                 Family::Qwen2 => true,
                 _ => get(&v, "attention_bias").and_then(|b| b.as_bool()).unwrap_or(false),
             },
+            qk_norm: family == Family::Qwen3,
             embed_scale: if is_gemma { Some((hidden_size as f64).sqrt()) } else { None },
             tie_word_embeddings: get(&v, "tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(is_gemma),
             attn_logit_softcap: if family == Family::Gemma2 {

@@ -1,4 +1,4 @@
-//! One config-driven decoder for the text families (Llama / SmolLM2, Qwen2, Gemma, Gemma2),
+//! One config-driven decoder for the text families (Llama / SmolLM2, Qwen2, Qwen3, Gemma, Gemma2),
 //! with hook points on the residual stream and a KV cache that supports left-padded batches.
 use super::config::{Activation, DecoderConfig, RopeScaling};
 use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
@@ -15,6 +15,9 @@ struct Attention {
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
+    /// Qwen3: per-head RMSNorm weights `[head_dim]` for q and k.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
 }
 
 struct Mlp {
@@ -184,6 +187,8 @@ impl Decoder {
                     q_bias: bias(L::QBias, nh * hd)?,
                     k_bias: bias(L::KBias, nkv * hd)?,
                     v_bias: bias(L::VBias, nkv * hd)?,
+                    q_norm: if cfg.qk_norm { Some(w.vector(n(L::QNorm), hd)?) } else { None },
+                    k_norm: if cfg.qk_norm { Some(w.vector(n(L::KNorm), hd)?) } else { None },
                 },
                 mlp: Mlp {
                     gate: w.linear(n(L::Gate), im, h)?,
@@ -305,9 +310,16 @@ impl Decoder {
             }
             Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = proj(&a.q, &a.q_bias, nh)?;
-        let k = proj(&a.k, &a.k_bias, nkv)?;
+        let mut q = proj(&a.q, &a.q_bias, nh)?;
+        let mut k = proj(&a.k, &a.k_bias, nkv)?;
         let v = proj(&a.v, &a.v_bias, nkv)?;
+        // Qwen3: RMSNorm over each head's values (row-wise, so batch invariant), before RoPE.
+        if let Some(n) = &a.q_norm {
+            q = rms_norm(&q, n, cfg.rms_norm_eps)?;
+        }
+        if let Some(n) = &a.k_norm {
+            k = rms_norm(&k, n, cfg.rms_norm_eps)?;
+        }
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match &state.kv[idx] {
@@ -502,6 +514,91 @@ impl Decoder {
         }
         state.cols += seq;
         Ok(xs)
+    }
+
+    /// A differentiable forward for training something upstream of the decoder (the graft's
+    /// adapter): input embeddings `[batch, seq, hidden]` of unpadded rows at positions
+    /// `0..seq`, causal attention, f32 logits `[batch, seq, vocab]`. Only candle ops with a
+    /// backward pass (no custom kernels, no KV cache, no hooks), so gradients reach `xs`; the
+    /// decoder's own weights are plain tensors and get none. Dense weights only; the sliding
+    /// window and Gemma2's post-norms are refused. The numbers agree with
+    /// [`forward_embeds`](Self::forward_embeds) to float rounding (tested), not bit for bit.
+    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        if cfg.sliding_window.is_some() || cfg.post_norms {
+            bail!("forward_train supports llama, qwen2, qwen3 and gemma decoders (no sliding window, no post-norms)");
+        }
+        let (b, seq, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let xs = xs.to_dtype(self.dtype)?;
+        let lin = |l: &Linear, x: &Tensor| -> Result<Tensor> {
+            match l {
+                Linear::Dense(w) => Ok(x.broadcast_matmul(&w.t()?)?),
+                _ => bail!("forward_train needs dense weights (a safetensors checkpoint), not quantized GGUF ones"),
+            }
+        };
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            let dt = x.dtype();
+            Ok(candle_nn::ops::rms_norm_slow(&x.to_dtype(DType::F32)?, w, eps)?.to_dtype(dt)?)
+        };
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for p in 0..seq {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (seq, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (seq, half), &self.device)?.to_dtype(self.dtype)?;
+        let mask: Vec<f32> =
+            (0..seq).flat_map(|q| (0..seq).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask = Tensor::from_vec(mask, (1, 1, seq, seq), &self.device)?;
+        let mut xs = xs;
+        for layer in &self.layers {
+            let a = &layer.attn;
+            let h = norm(&xs, &layer.input_norm)?;
+            let proj = |l: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+                let mut y = lin(l, &h)?;
+                if let Some(bias) = bias {
+                    y = y.broadcast_add(bias)?;
+                }
+                Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let mut q = proj(&a.q, &a.q_bias, nh)?;
+            let mut k = proj(&a.k, &a.k_bias, nkv)?;
+            let v = proj(&a.v, &a.v_bias, nkv)?;
+            if let Some(n) = &a.q_norm {
+                q = norm(&q, n)?;
+            }
+            if let Some(n) = &a.k_norm {
+                k = norm(&k, n)?;
+            }
+            let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+            let k = candle_transformers::utils::repeat_kv(k, nh / nkv)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, nh / nkv)?.contiguous()?;
+            let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * cfg.attn_scale())?;
+            let scores = softcap(&scores, cfg.attn_logit_softcap)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?.to_dtype(self.dtype)?;
+            let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
+            xs = (xs + lin(&a.o, &out)?)?;
+            let h = norm(&xs, &layer.post_attn_norm)?;
+            let g = lin(&layer.mlp.gate, &h)?;
+            let g = match cfg.activation {
+                Activation::Silu => g.silu()?,
+                Activation::GeluTanh => g.gelu()?,
+                Activation::Gelu => g.gelu_erf()?,
+            };
+            let m = lin(&layer.mlp.down, &(g * lin(&layer.mlp.up, &h)?)?)?;
+            xs = (xs + m)?;
+        }
+        let xs = norm(&xs, &self.final_norm)?;
+        let logits = lin(&self.lm_head, &xs)?.to_dtype(DType::F32)?;
+        softcap(&logits, cfg.final_logit_softcap)
     }
 
     /// Appends `ids` (`[batch, seq]`) to `state`'s KV cache without hooks and without the final

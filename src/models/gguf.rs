@@ -43,9 +43,10 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     let family = match arch {
         "llama" => Family::Llama,
         "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
         "gemma" => Family::Gemma,
         "gemma2" => Family::Gemma2,
-        other => bail!("{file}: GGUF architecture `{other}` is not supported (llama, qwen2, gemma, gemma2)"),
+        other => bail!("{file}: GGUF architecture `{other}` is not supported (llama, qwen2, qwen3, gemma, gemma2)"),
     };
     let req = |k: &str| -> Result<usize> {
         meta_u64(c, &format!("{arch}.{k}"))
@@ -112,6 +113,7 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
         // llama.cpp's converter stores Gemma norms as (1 + w) already.
         norm_offset: 0.0,
         qkv_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
         embed_scale: if is_gemma { Some((hidden_size as f64).sqrt()) } else { None },
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attn_logit_softcap: meta_f64(c, &format!("{arch}.attn_logit_softcapping")),

@@ -208,12 +208,22 @@ impl Tokenizer {
     }
 
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        self.render_template(
-            &self.chat_template,
-            minijinja::Value::from_serialize(messages),
-            add_generation_prompt,
-            &[],
-        )
+        self.apply_chat_template_thinking(messages, add_generation_prompt, None)
+    }
+
+    /// [`apply_chat_template`](Self::apply_chat_template) with Qwen3's `enable_thinking` switch:
+    /// `None` leaves the variable undefined (the template's default: thinking on for Qwen3),
+    /// `Some(false)` makes Qwen3's template close an empty `<think>` block after the
+    /// generation prompt. Templates that do not read the variable render the same either way.
+    pub fn apply_chat_template_thinking(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
+        let extra: Vec<(&str, minijinja::Value)> =
+            enable_thinking.map(|t| ("enable_thinking", minijinja::Value::from(t))).into_iter().collect();
+        self.render_template(&self.chat_template, minijinja::Value::from_serialize(messages), add_generation_prompt, &extra)
     }
 
     /// Renders a chat template the way transformers does (trim_blocks, lstrip_blocks, Python

@@ -28,6 +28,9 @@ pub enum LayerTensor {
     QBias,
     KBias,
     VBias,
+    /// Qwen3: per-head RMSNorm weights `[head_dim]` of q and k.
+    QNorm,
+    KNorm,
     InputNorm,
     /// Llama/Qwen2: the norm before the MLP. Gemma2: the norm after attention.
     PostAttnNorm,
@@ -54,6 +57,8 @@ impl Name {
                     QBias => "self_attn.q_proj.bias",
                     KBias => "self_attn.k_proj.bias",
                     VBias => "self_attn.v_proj.bias",
+                    QNorm => "self_attn.q_norm.weight",
+                    KNorm => "self_attn.k_norm.weight",
                     InputNorm => "input_layernorm.weight",
                     PostAttnNorm => "post_attention_layernorm.weight",
                     PreFfnNorm => "pre_feedforward_layernorm.weight",
@@ -83,6 +88,8 @@ impl Name {
                     (QBias, _) => "attn_q.bias",
                     (KBias, _) => "attn_k.bias",
                     (VBias, _) => "attn_v.bias",
+                    (QNorm, _) => "attn_q_norm.weight",
+                    (KNorm, _) => "attn_k_norm.weight",
                     (InputNorm, _) => "attn_norm.weight",
                     (PostAttnNorm, false) => "ffn_norm.weight",
                     (PostAttnNorm, true) => "post_attention_norm.weight",
