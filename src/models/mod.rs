@@ -9,6 +9,7 @@ pub mod hooks;
 pub mod kernels;
 pub mod prefix_cache;
 pub mod q8;
+pub mod qwen2_5_vl;
 pub mod qwen2_vl;
 pub mod registry;
 pub mod weights;

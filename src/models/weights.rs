@@ -298,7 +298,7 @@ pub struct Weights {
     pub hint: String,
 }
 
-fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensor_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)

@@ -8,15 +8,16 @@ use crate::models::weights::{Linear, Source, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
-struct Dense {
+/// A linear layer with an optional bias (also the Qwen2.5-VL tower's).
+pub(crate) struct Dense {
     /// Through the decoder's linear layer, so f32 on the CPU takes the batch-invariant kernel:
     /// the patches of every image in a call share these matmuls.
-    w: Linear,
-    b: Option<Tensor>,
+    pub(crate) w: Linear,
+    pub(crate) b: Option<Tensor>,
 }
 
 impl Dense {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let y = self.w.forward(xs)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -182,29 +183,7 @@ impl VisionTower {
     }
 
     fn attention(&self, blk: &Block, xs: &Tensor, cos: &Tensor, sin: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (n, e) = xs.dims2()?;
-        let (nh, hd) = (cfg.num_heads, cfg.head_dim());
-        // [n, 3, heads, hd] -> q, k, v as [1, heads, n, hd]
-        let qkv = blk.qkv.forward(xs)?.reshape((n, 3, nh, hd))?;
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
-        };
-        let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
-        let v = part(2)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Attention stays inside each image.
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            let (q, k, v) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
-            let s = (q.contiguous()?.matmul(&k.contiguous()?.t()?)?.to_dtype(DType::F32)? * scale)?;
-            let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(self.dtype)?;
-            outs.push(p.matmul(&v.contiguous()?)?);
-            start += len;
-        }
-        let out = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((n, e))?;
+        let out = attend_segments(&blk.qkv.forward(xs)?, self.cfg.num_heads, cos, sin, lens, self.dtype)?;
         blk.proj.forward(&out)
     }
 
@@ -227,4 +206,43 @@ impl VisionTower {
     pub fn device(&self) -> &Device {
         &self.device
     }
+}
+
+/// Non-causal multi-head attention of packed patches, each attending only inside its own segment
+/// (an image for Qwen2-VL; a window or an image for Qwen2.5-VL): `qkv` `[n, 3·e]` (q, k, v
+/// concatenated, heads inside each), 2-D rotary tables `[n, head_dim/2]`, segment lengths summing to
+/// n. Returns `[n, e]` before the output projection. Scores and softmax in f32.
+pub(crate) fn attend_segments(
+    qkv: &Tensor,
+    nh: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    lens: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    let (n, e3) = qkv.dims2()?;
+    let e = e3 / 3;
+    let hd = e / nh;
+    if lens.iter().sum::<usize>() != n {
+        bail!("attention segments {lens:?} do not cover the {n} patches");
+    }
+    // [n, 3, heads, hd] -> q, k, v as [1, heads, n, hd]
+    let qkv = qkv.reshape((n, 3, nh, hd))?;
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(qkv.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
+    };
+    let q = candle_nn::rotary_emb::rope(&part(0)?, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope(&part(1)?, cos, sin)?;
+    let v = part(2)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(lens.len());
+    let mut start = 0;
+    for &len in lens {
+        let (q, k, v) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
+        let s = (q.contiguous()?.matmul(&k.contiguous()?.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)?;
+        outs.push(p.matmul(&v.contiguous()?)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((n, e))?)
 }
