@@ -4,6 +4,7 @@ pub mod agent;
 pub mod device;
 pub mod env;
 pub mod experiment;
+pub mod graft;
 pub mod interp;
 pub mod models;
 pub mod probe;

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use miniwob_steer::gpu::goldens;
+use miniwob_steer::models::goldens;
 use miniwob_steer::models::config::Family;
 use miniwob_steer::models::load::decoder_from_dir;
 use miniwob_steer::models::tokenizer::{ChatMessage, Tokenizer};
@@ -109,7 +109,18 @@ fn training_forward_matches_the_inference_forward() {
     let inf =
         d.forward(&t, &mut st, &StepInfo::prefill(vec![0]), &HookSpec::none(), &mut Captures::default(), true).unwrap();
     let x = candle_core::Var::from_tensor(&d.embed(&t).unwrap()).unwrap();
-    let train = d.forward_train(x.as_tensor()).unwrap();
+    let train = d.forward_train(x.as_tensor(), 0).unwrap();
+    let tail = d.forward_train(x.as_tensor(), 4).unwrap();
+    assert_eq!(tail.dims()[1], ids.len() - 4);
+    let d4 = (&tail - &train.narrow(1, 4, ids.len() - 4).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d4, 0.0, "logits from position 4 differ from the full run's");
     let diff = (&train - &inf).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-4, "training logits differ from inference by {diff}");
     let reference = r["logits"].to_dtype(DType::F32).unwrap();

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod env;
 pub mod goldens;
+pub mod graft;
 pub mod interp;
 pub mod models;
 pub mod probe;
@@ -45,6 +46,8 @@ enum Command {
     CheckGoldens(goldens::CheckGoldensArgs),
     /// Probes and router heads on pooled hidden states: data, features, train, eval, sweep.
     Probe(probe::ProbeArgs),
+    /// Hybrid vision + language models: init, train, bench (docs/graft.md).
+    Graft(graft::GraftArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -66,5 +69,6 @@ pub fn main() -> Result<()> {
         Command::Run(a) => run::run(a),
         Command::CheckGoldens(a) => goldens::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Graft(a) => graft::run(a),
     }
 }

@@ -523,7 +523,9 @@ impl Decoder {
     /// decoder's own weights are plain tensors and get none. Dense weights only; the sliding
     /// window and Gemma2's post-norms are refused. The numbers agree with
     /// [`forward_embeds`](Self::forward_embeds) to float rounding (tested), not bit for bit.
-    pub fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+    /// Logits only for positions `from..seq` (`[batch, seq - from, vocab]`): a loss on the
+    /// response skips most of the LM head.
+    pub fn forward_train(&self, xs: &Tensor, from: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
         if cfg.sliding_window.is_some() || cfg.post_norms {
             bail!("forward_train supports llama, qwen2, qwen3 and gemma decoders (no sliding window, no post-norms)");
@@ -596,7 +598,10 @@ impl Decoder {
             let m = lin(&layer.mlp.down, &(g * lin(&layer.mlp.up, &h)?)?)?;
             xs = (xs + m)?;
         }
-        let xs = norm(&xs, &self.final_norm)?;
+        if from >= seq {
+            bail!("forward_train: logits from position {from} of a {seq}-token sequence");
+        }
+        let xs = norm(&xs.narrow(1, from, seq - from)?, &self.final_norm)?;
         let logits = lin(&self.lm_head, &xs)?.to_dtype(DType::F32)?;
         softcap(&logits, cfg.final_logit_softcap)
     }
@@ -606,6 +611,27 @@ impl Decoder {
     pub fn extend_cache(&self, ids: &Tensor, state: &mut State, step: &StepInfo) -> Result<()> {
         self.layers(self.embed(ids)?, state, step, &HookSpec::none(), &mut Captures::default(), None)?;
         Ok(())
+    }
+
+    /// Every tensor the decoder holds (embedding, norms, projections, biases; quantized matrices
+    /// are skipped), for checks that training something else leaves them untouched.
+    pub fn dense_tensors(&self) -> Vec<&Tensor> {
+        fn lin(l: &Linear) -> Option<&Tensor> {
+            match l {
+                Linear::Dense(t) => Some(t),
+                _ => None,
+            }
+        }
+        let mut v = vec![&self.embed, &self.final_norm];
+        v.extend(lin(&self.lm_head));
+        for l in &self.layers {
+            let a = &l.attn;
+            v.extend([&a.q, &a.k, &a.v, &a.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down].into_iter().filter_map(lin));
+            v.extend([&a.q_bias, &a.k_bias, &a.v_bias, &a.q_norm, &a.k_norm].into_iter().flatten());
+            v.extend([&l.input_norm, &l.post_attn_norm]);
+            v.extend([&l.pre_ffn_norm, &l.post_ffn_norm].into_iter().flatten());
+        }
+        v
     }
 
     /// The input embedding matrix `[vocab, hidden]` (before Gemma's scale), for the embedding lens.

@@ -183,6 +183,32 @@ impl Qwen25VisionTower {
         })
     }
 
+    /// Every tensor of the tower, for checks that training the graft's adapter leaves them untouched.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        fn dense(d: &Dense) -> Vec<&Tensor> {
+            let mut v: Vec<&Tensor> = match &d.w {
+                Linear::Dense(t) => vec![t],
+                _ => vec![],
+            };
+            v.extend(d.b.as_ref());
+            v
+        }
+        let mut v: Vec<&Tensor> = match &self.patch_embed {
+            Linear::Dense(t) => vec![t],
+            _ => vec![],
+        };
+        for b in &self.blocks {
+            v.extend([&b.norm1, &b.norm2]);
+            for d in [&b.qkv, &b.proj, &b.gate, &b.up, &b.down] {
+                v.extend(dense(d));
+            }
+        }
+        v.push(&self.ln_q);
+        v.extend(dense(&self.mlp0));
+        v.extend(dense(&self.mlp2));
+        v
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

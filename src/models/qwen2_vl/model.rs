@@ -44,6 +44,22 @@ impl VlmInput {
     }
 }
 
+/// Replaces the k-th `pad` in `text` by `counts[k]` copies of it (what transformers' Qwen2-VL
+/// processor does before tokenizing; the graft's hybrid does the same).
+pub fn expand_image_pads(text: &str, pad: &str, counts: &[usize]) -> Result<String> {
+    let parts: Vec<&str> = text.split(pad).collect();
+    if parts.len() != counts.len() + 1 {
+        bail!("the prompt has {} image placeholders but {} images were given", parts.len() - 1, counts.len());
+    }
+    let mut s = String::with_capacity(text.len() + counts.iter().sum::<usize>() * pad.len());
+    s.push_str(parts[0]);
+    for (&n, rest) in counts.iter().zip(&parts[1..]) {
+        s.push_str(&pad.repeat(n));
+        s.push_str(rest);
+    }
+    Ok(s)
+}
+
 /// What a prefill leaves behind for decoding.
 pub struct Prefilled {
     /// `[batch, 1, vocab]`, or `[batch, seq, vocab]` with `all_logits`.
@@ -163,19 +179,9 @@ impl Qwen2Vl {
     /// Replaces the k-th `<|image_pad|>` by as many pads as image k has LLM tokens, then
     /// tokenizes (what transformers' Qwen2VLProcessor does).
     pub fn encode_expanded(&self, text: &str, images: Vec<Processed>) -> Result<VlmInput> {
-        let pad = "<|image_pad|>";
-        let parts: Vec<&str> = text.split(pad).collect();
-        if parts.len() != images.len() + 1 {
-            bail!("the prompt has {} image placeholders but {} images were given", parts.len() - 1, images.len());
-        }
         let m = self.cfg.vision.spatial_merge_size;
-        let mut s =
-            String::with_capacity(text.len() + images.iter().map(|i| i.llm_tokens(m) * pad.len()).sum::<usize>());
-        s.push_str(parts[0]);
-        for (img, rest) in images.iter().zip(&parts[1..]) {
-            s.push_str(&pad.repeat(img.llm_tokens(m)));
-            s.push_str(rest);
-        }
+        let counts: Vec<usize> = images.iter().map(|i| i.llm_tokens(m)).collect();
+        let s = expand_image_pads(text, "<|image_pad|>", &counts)?;
         let ids = self.tokenizer.encode(&s, false)?;
         let got = ids.iter().filter(|&&t| t == self.cfg.image_token_id).count();
         let want: usize = images.iter().map(|i| i.llm_tokens(m)).sum();
