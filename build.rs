@@ -1,9 +1,10 @@
 //! Embeds `git describe` of the source tree at build time (the result lines' harness_version):
 //! a binary copied to another machine records the version it was built from.
 fn main() {
+    // A new commit, or edited sources (the dirty flag); not the index alone.
     println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/index");
     println!("cargo:rerun-if-changed=.git/refs");
+    println!("cargo:rerun-if-changed=src");
     let out = std::process::Command::new("git")
         .args(["describe", "--always", "--dirty", "--tags"])
         .stderr(std::process::Stdio::null())

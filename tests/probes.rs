@@ -6,8 +6,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use miniwob_steer::models::load::Loaded;
 use miniwob_steer::models::hooks::HookPoint;
+use miniwob_steer::models::load::Loaded;
 use miniwob_steer::probe::eval;
 use miniwob_steer::probe::features::FeatureSet;
 use miniwob_steer::probe::gate::Gate;
@@ -222,9 +222,7 @@ fn text_pipeline_end_to_end_on_smollm2() {
     assert_eq!(fs.manifest.classes, ["animal", "math"]);
     assert_eq!(fs.manifest.hidden_size, 576);
     // The pooled features are `extract`'s states: last and mean over the chat-templated prompt.
-    let m =
-        Loaded::load("smollm2-135m", &candle_core::Device::Cpu, "f32".parse().unwrap())
-            .unwrap();
+    let m = Loaded::load("smollm2-135m", &candle_core::Device::Cpu, "f32".parse().unwrap()).unwrap();
     let tok = m.tokenizer();
     let text = tok
         .apply_chat_template(&[miniwob_steer::models::tokenizer::ChatMessage::new("user", "What is 10 plus 16?")], true)
@@ -338,8 +336,7 @@ fn image_rows_on_the_tiny_qwen2_vl() {
     assert_eq!(fs.manifest.pool, Pool::ImageMean);
     assert_eq!(fs.manifest.save_dtype, "f16");
     // image-mean = the mean of extract's image-position states (then stored as f16).
-    let m =
-        Loaded::load(s(&vl), &candle_core::Device::Cpu, "f32".parse().unwrap()).unwrap();
+    let m = Loaded::load(s(&vl), &candle_core::Device::Cpu, "f32".parse().unwrap()).unwrap();
     let Loaded::Vlm(vlm) = &m else { panic!("a VLM") };
     let im = image::open(img("tall.png")).unwrap().to_rgb8();
     let size = (im.width() as usize, im.height() as usize);

@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use miniwob_steer::models::goldens;
 use miniwob_steer::models::config::Family;
+use miniwob_steer::models::goldens;
 use miniwob_steer::models::load::decoder_from_dir;
 use miniwob_steer::models::tokenizer::{ChatMessage, Tokenizer};
 use miniwob_steer::models::{Captures, HookSpec, StepInfo, WeightDType};

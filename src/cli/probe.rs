@@ -1,7 +1,6 @@
 //! `probe data|features|train|eval|sweep`: thin handlers over `miniwob_steer::probe` (docs/probes.md).
-use anyhow::{bail, Context, Result};
-use miniwob_steer::models::load::Loaded;
 use crate::cli::models::ModelArgs;
+use anyhow::{bail, Context, Result};
 use miniwob_steer::probe::data::{self, LabelKind};
 use miniwob_steer::probe::eval::{self, Which};
 use miniwob_steer::probe::features::{self, FeatureSet, Pool};

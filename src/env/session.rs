@@ -9,6 +9,7 @@ use super::server::TaskServer;
 use super::{html_root, tasks, EnvError};
 use fantoccini::actions::{InputSource, KeyAction, KeyActions, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
 use fantoccini::error::CmdError;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,43 +41,16 @@ impl Default for EnvConfig {
     }
 }
 
-// The scripts are macros so that `concat!` can join them into single round trips.
+// The page scripts live in src/env/js/; the macros let `concat!` join them into single round trips.
 macro_rules! reset_body {
     () => {
-        r#"
-var seed = arguments[0], mode = arguments[1], maxTime = arguments[2];
-if (typeof core === 'undefined' || typeof core.startEpisodeReal !== 'function') return 'core.js is not loaded';
-if (typeof Math.seedrandom !== 'function') return 'seedrandom is missing';
-core.endEpisode(0);
-if (document.activeElement && document.activeElement !== document.body && document.activeElement.blur) document.activeElement.blur();
-Math.seedrandom(seed);
-core.setDataMode(mode);
-core.EPISODE_MAX_TIME = maxTime;
-core.startEpisodeReal();
-if (typeof WOB_TASK_READY !== 'undefined' && !WOB_TASK_READY) return false;
-"#
+        include_str!("js/reset.js")
     };
 }
 
 macro_rules! observe_body {
     () => {
-        r#"
-var u = core.getUtterance();
-var dom = core.getDOMInfo();
-var extra = {};
-for (var r in core.previousDOMInfo) {
-  var el = core.previousDOMInfo[r];
-  if (el instanceof HTMLSelectElement) {
-    var opts = [];
-    for (var i = 0; i < el.options.length; i++) opts.push(el.options[i].text.replace(/\s+/g, ' ').trim());
-    extra[r] = {options: opts, selected: el.selectedIndex >= 0 ? opts[el.selectedIndex] : null};
-  } else if (typeof el.className !== 'string') {
-    extra[r] = {cls: (el.className && typeof el.className.baseVal === 'string') ? el.className.baseVal : ''};
-  }
-}
-return {utterance: u, dom: dom, extra: extra, done: !!WOB_DONE_GLOBAL,
-        t: core.ept0 ? (new Date().getTime() - core.ept0) : 0};
-"#
+        include_str!("js/observe.js")
     };
 }
 
@@ -84,50 +58,19 @@ return {utterance: u, dom: dom, extra: extra, done: !!WOB_DONE_GLOBAL,
 /// over, and returns `{err, done, reward, raw, reason}`.
 macro_rules! with_state {
     ($body:expr) => {
-        concat!(
-            "var st = function (err) { return {err: err, done: !!WOB_DONE_GLOBAL, reward: +WOB_REWARD_GLOBAL, raw: +WOB_RAW_REWARD_GLOBAL, reason: (WOB_REWARD_REASON === null || WOB_REWARD_REASON === undefined) ? null : String(WOB_REWARD_REASON)}; };\n",
-            "if (WOB_DONE_GLOBAL) return st('the episode is already over');\n",
-            "var res = (function () {\n",
-            $body,
-            "\n}).apply(null, arguments);\n",
-            "return st(res === true ? null : String(res));\n"
-        )
+        concat!(include_str!("js/state_head.js"), $body, include_str!("js/state_tail.js"))
     };
 }
 
 macro_rules! click_body {
     () => {
-        r#"
-var r = arguments[0];
-var el = core.previousDOMInfo[r];
-if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
-if (el === undefined) return 'unknown ref ' + r;
-if (!el.isConnected) return 'ref ' + r + ' is no longer in the page';
-var res = core.elementClick(r);
-return res === true ? true : ('click failed: ' + String(res));
-"#
+        include_str!("js/click.js")
     };
 }
 
 macro_rules! select_body {
     () => {
-        r#"
-var r = arguments[0], want = arguments[1];
-var el = core.previousDOMInfo[r];
-if (el === undefined) { core.getDOMInfo(); el = core.previousDOMInfo[r]; }
-if (el === undefined) return 'unknown ref ' + r;
-if (!(el instanceof HTMLSelectElement)) return 'ref ' + r + ' is ' + el.tagName + ', not a SELECT';
-var norm = function (s) { return String(s).replace(/\s+/g, ' ').trim(); };
-var idx = -1, i;
-for (i = 0; i < el.options.length && idx < 0; i++) if (norm(el.options[i].text) === norm(want)) idx = i;
-for (i = 0; i < el.options.length && idx < 0; i++) if (el.options[i].value === want) idx = i;
-if (idx < 0) return 'select ref ' + r + ' has no option ' + JSON.stringify(want);
-el.focus();
-el.selectedIndex = idx;
-el.dispatchEvent(new Event('input', {bubbles: true}));
-el.dispatchEvent(new Event('change', {bubbles: true}));
-return true;
-"#
+        include_str!("js/select.js")
     };
 }
 
@@ -150,12 +93,7 @@ const SELECT_JS: &str = with_state!(select_body!());
 
 const INSERT_TEXT_JS: &str = "return document.execCommand('insertText', false, arguments[0]);";
 
-const WRAP_RECT_JS: &str = r#"
-var w = document.getElementById('wrap');
-if (!w) return null;
-var r = w.getBoundingClientRect();
-return [r.left, r.top, r.width, r.height];
-"#;
+const WRAP_RECT_JS: &str = include_str!("js/wrap_rect.js");
 
 /// A MiniWoB session: one Chromium, one task page at a time.
 pub struct Session {
@@ -424,7 +362,10 @@ impl Session {
         let empty = serde_json::Map::new();
         let extra = v.get("extra").and_then(Value::as_object).unwrap_or(&empty);
         if let Some(root) = v.get("dom") {
-            flatten(root, None, 0, extra, &mut elements);
+            match DomNode::deserialize(root) {
+                Ok(tree) => flatten(&tree, None, 0, extra, &mut elements),
+                Err(e) => tracing::warn!(task = %task, "core.getDOMInfo() is not a DOM tree: {e}"),
+            }
         }
         self.boxes = elements.iter().map(|e| (e.r#ref, (e.left, e.top, e.width, e.height))).collect();
         Observation {
@@ -709,59 +650,90 @@ fn outcome(r: Result<(), Fail>) -> Result<Option<String>, EnvError> {
     }
 }
 
-fn flatten(
-    node: &Value,
-    parent: Option<i64>,
-    depth: u32,
-    extra: &serde_json::Map<String, Value>,
-    out: &mut Vec<Element>,
-) {
-    let Some(o) = node.as_object() else { return };
-    let r = o.get("ref").and_then(Value::as_i64).unwrap_or(0);
-    let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let f = |k: &str| o.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+/// One node of `core.getDOMInfo()`. Lenient like the page: a missing or mistyped field reads as
+/// empty (`text`, `id`, the box), `value` is a string, number or bool, `classes` a string or an
+/// SVG class object (then `extra` has it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct DomNode {
+    #[serde(rename = "ref", deserialize_with = "lenient")]
+    r#ref: i64,
+    #[serde(deserialize_with = "lenient")]
+    tag: String,
+    #[serde(deserialize_with = "lenient")]
+    text: String,
+    #[serde(deserialize_with = "lenient")]
+    id: String,
+    classes: Value,
+    value: Value,
+    #[serde(deserialize_with = "lenient")]
+    left: f64,
+    #[serde(deserialize_with = "lenient")]
+    top: f64,
+    #[serde(deserialize_with = "lenient")]
+    width: f64,
+    #[serde(deserialize_with = "lenient")]
+    height: f64,
+    #[serde(deserialize_with = "lenient")]
+    focused: bool,
+    #[serde(deserialize_with = "lenient")]
+    bg_color: String,
+    #[serde(deserialize_with = "lenient")]
+    fg_color: String,
+    children: Vec<DomNode>,
+}
+
+/// The field's value when it has the field's type, else its default (null, a wrong type).
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    let v = Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
+}
+
+/// The DOM tree, flattened in document (pre-)order, with `<select>` options and SVG classes
+/// from `extra`.
+fn flatten(node: &DomNode, parent: Option<i64>, depth: u32, extra: &serde_json::Map<String, Value>, out: &mut Vec<Element>) {
+    let r = node.r#ref;
     let ex = extra.get(&r.to_string());
-    let mut value = None;
-    let mut checked = None;
-    match o.get("value") {
-        Some(Value::Bool(b)) => checked = Some(*b),
-        Some(Value::String(v)) => value = Some(v.clone()),
-        Some(Value::Number(n)) => value = Some(n.to_string()),
+    let (mut value, mut checked) = (None, None);
+    match &node.value {
+        Value::Bool(b) => checked = Some(*b),
+        Value::String(v) => value = Some(v.clone()),
+        Value::Number(n) => value = Some(n.to_string()),
         _ => {}
     }
     let mut options = Vec::new();
-    if let Some(ex) = ex {
-        if let Some(opts) = ex.get("options").and_then(Value::as_array) {
-            options = opts.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
-            value = ex.get("selected").and_then(Value::as_str).map(str::to_string);
-        }
+    if let Some(opts) = ex.and_then(|e| e.get("options")).and_then(Value::as_array) {
+        options = opts.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+        value = ex.and_then(|e| e.get("selected")).and_then(Value::as_str).map(str::to_string);
     }
-    let classes = match o.get("classes") {
-        Some(Value::String(c)) => c.clone(),
+    let classes = match &node.classes {
+        Value::String(c) => c.clone(),
         _ => ex.and_then(|e| e.get("cls")).and_then(Value::as_str).unwrap_or("").to_string(),
     };
     out.push(Element {
         r#ref: r,
         parent,
         depth,
-        tag: s("tag"),
-        text: s("text"),
+        tag: node.tag.clone(),
+        text: node.text.clone(),
         value,
         checked,
         options,
-        id: s("id"),
+        id: node.id.clone(),
         classes,
-        left: f("left"),
-        top: f("top"),
-        width: f("width"),
-        height: f("height"),
-        focused: o.get("focused").and_then(Value::as_bool).unwrap_or(false),
-        bg_color: s("bgColor"),
-        fg_color: s("fgColor"),
+        left: node.left,
+        top: node.top,
+        width: node.width,
+        height: node.height,
+        focused: node.focused,
+        bg_color: node.bg_color.clone(),
+        fg_color: node.fg_color.clone(),
     });
-    if let Some(children) = o.get("children").and_then(Value::as_array) {
-        for c in children {
-            flatten(c, Some(r), depth + 1, extra, out);
-        }
+    for c in &node.children {
+        flatten(c, Some(r), depth + 1, extra, out);
     }
 }

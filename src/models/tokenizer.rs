@@ -223,7 +223,12 @@ impl Tokenizer {
     ) -> Result<String> {
         let extra: Vec<(&str, minijinja::Value)> =
             enable_thinking.map(|t| ("enable_thinking", minijinja::Value::from(t))).into_iter().collect();
-        self.render_template(&self.chat_template, minijinja::Value::from_serialize(messages), add_generation_prompt, &extra)
+        self.render_template(
+            &self.chat_template,
+            minijinja::Value::from_serialize(messages),
+            add_generation_prompt,
+            &extra,
+        )
     }
 
     /// Renders a chat template the way transformers does (trim_blocks, lstrip_blocks, Python

@@ -209,7 +209,7 @@ pub async fn observe_items(
                     async move {
                         let obs = s.reset(&task, seed).await?;
                         let png = if screenshots { Some(s.som_screenshot(&obs).await?) } else { None };
-                        Ok((obs, png))
+                        Ok::<_, crate::env::EnvError>((obs, png))
                     }
                 })
                 .await;

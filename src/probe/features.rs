@@ -7,9 +7,9 @@
 //! weights hash, hook points, pooling, classes, shards). A shard is written when it fills, so
 //! memory stays flat whatever the dataset's size.
 use super::data::Dataset;
-use crate::models::load::Loaded;
 use crate::models::generate;
 use crate::models::hooks::{HookPoint, HookSpec};
+use crate::models::load::Loaded;
 use crate::models::tokenizer::ChatMessage;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};

@@ -1,0 +1,3 @@
+
+}).apply(null, arguments);
+return st(res === true ? null : String(res));
