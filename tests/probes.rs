@@ -421,3 +421,64 @@ fn hidden_size_from_text_config_or_the_embedding_shape() {
         "{e}"
     );
 }
+
+#[test]
+fn probe_data_from_real_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fam.jsonl");
+    run(&[
+        "probe",
+        "data",
+        "--label",
+        "family",
+        "--tasks",
+        "click-test,enter-text,choose-list",
+        "--seeds-per-task",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    let ds = miniwob_steer::probe::data::read(&out).unwrap();
+    assert_eq!(ds.classes, ["click", "select", "type"]);
+    assert_eq!(ds.rows.len(), 6);
+    assert_eq!(ds.rows[2].meta["task"], "enter-text");
+    assert_eq!(ds.rows[2].meta["seed"], 100_000);
+    assert!(ds.rows[2].text.contains("Task: ") && ds.rows[2].text.contains("Page elements:"), "{}", ds.rows[2].text);
+    // The row text is the text agent's user turn for that episode, from the runner's prompt builder.
+    let again = dir.path().join("task.jsonl");
+    run(&[
+        "probe",
+        "data",
+        "--label",
+        "task",
+        "--tasks",
+        "enter-text,click-test",
+        "--seeds-per-task",
+        "1",
+        "--images",
+        "--out",
+        s(&again),
+    ]);
+    let t = miniwob_steer::probe::data::read(&again).unwrap();
+    assert_eq!(t.rows.len(), 2);
+    let img = t.rows[1].image.clone().unwrap();
+    assert!(img.ends_with("images/click-test-100000.png"), "{img:?}");
+    assert!(image::open(&img).unwrap().width() > 100);
+    // success labels from a results file's baseline episodes.
+    let res = dir.path().join("r.jsonl");
+    let line = |seed: u64, ok: bool, c: &str| {
+        json!({"task": "click-test", "seed": seed, "condition": c, "success": ok}).to_string()
+    };
+    std::fs::write(
+        &res,
+        [line(3, true, "baseline"), line(3, false, "steered"), line(4, false, "baseline")].join("\n") + "\n",
+    )
+    .unwrap();
+    let sfile = dir.path().join("s.jsonl");
+    run(&["probe", "data", "--label", "success", "--results", s(&res), "--out", s(&sfile)]);
+    let sd = miniwob_steer::probe::data::read(&sfile).unwrap();
+    assert_eq!(
+        sd.rows.iter().map(|r| (r.meta["seed"].as_u64().unwrap(), r.label.as_str())).collect::<Vec<_>>(),
+        [(3, "true"), (4, "false")]
+    );
+}

@@ -6,6 +6,10 @@ linear head's test accuracy from DIR/sweep.json. Dev-only (not in the tests).
 
     target/py/bin/python scripts/peer/probe_sklearn.py --features FEATS --sweep DIR [--C 1.0]
 
+The same objective on our side (an L2-penalised multinomial logistic regression trained to
+convergence, no early stopping): `probe sweep --val-split 0 --weight-decay 0 --l2 1/(C*n_train)
+--batch-size n_train --epochs 500 --lr 0.01`; this script prints that `--l2`.
+
 Requires scikit-learn (scripts/peer/requirements.txt) and safetensors + numpy.
 """
 import argparse, json, os, sys, time
@@ -38,10 +42,13 @@ def main():
     print(f"| hook point | ours (linear head) | scikit-learn LogisticRegression (C={a.C}) | difference (points) | sklearn fit s |")
     print("|---|---|---|---|---|")
     worst = 0.0
+    first = None
     for hook, r in ours.items():
         head = os.path.join(a.sweep, "heads", f"{hook}.safetensors")
         with safe_open(head, "np") as f:
             train, test = f.get_tensor("split.train"), f.get_tensor("split.test")
+        if first is None:
+            first = len(train)
         x, y, _ = load_features(a.features, hook)
         sc = StandardScaler().fit(x[train])
         t0 = time.time()
@@ -52,7 +59,8 @@ def main():
         d = 100 * (mine - acc)
         worst = max(worst, abs(d))
         print(f"| {hook} | {100 * mine:.1f}% | {100 * acc:.1f}% | {d:+.1f} | {secs:.2f} |")
-    print(f"\nlargest |difference|: {worst:.1f} points over {len(ours)} hook points")
+    print(f"\n{first} training rows: our equivalent objective is --l2 {1.0 / (a.C * first):.6g}")
+    print(f"largest |difference|: {worst:.1f} points over {len(ours)} hook points")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ pub struct HeadArgs {
     /// Early stopping: epochs without a lower validation loss.
     #[arg(long, default_value_t = 10)]
     pub patience: usize,
+    /// L2 penalty l2/2·ΣW² in the loss (scikit-learn's LogisticRegression(C) on n rows: 1/(C·n)).
+    #[arg(long, default_value_t = 0.0)]
+    pub l2: f64,
 }
 
 impl HeadArgs {
@@ -147,6 +150,7 @@ impl HeadArgs {
             test_split: self.test_split,
             seed: self.seed,
             patience: self.patience,
+            l2: self.l2,
         })
     }
 }

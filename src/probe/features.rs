@@ -65,9 +65,11 @@ pub fn pool(x: &Tensor, how: Pool, image: &[bool]) -> Result<Tensor> {
     if seq == 0 {
         bail!("cannot pool an empty prompt");
     }
+    // `copy`: a row view would keep the whole captured `[batch, seq, hidden]` storage alive
+    // until its shard is written (memory grew by that much per batch).
     Ok(match how {
-        Pool::First => x.get(0)?,
-        Pool::Last => x.get(seq - 1)?,
+        Pool::First => x.get(0)?.copy()?,
+        Pool::Last => x.get(seq - 1)?.copy()?,
         Pool::Mean => x.mean(0)?,
         Pool::ImageMean => {
             let cols: Vec<u32> =

@@ -45,6 +45,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Stop after this many epochs without a lower validation loss.
     pub patience: usize,
+    /// L2 penalty `l2/2 · Σ W²` on the weight matrices (not the biases) added to the mean loss:
+    /// scikit-learn's `LogisticRegression(C)` on n training rows is `l2 = 1 / (C · n)`. AdamW's
+    /// decoupled weight decay is another objective; the peer comparison uses this one.
+    pub l2: f64,
 }
 
 impl Default for TrainConfig {
@@ -60,6 +64,7 @@ impl Default for TrainConfig {
             test_split: 0.2,
             seed: 0,
             patience: 5,
+            l2: 0.0,
         }
     }
 }
@@ -234,7 +239,12 @@ pub fn train(x: &Tensor, labels: &[u32], cfg: &TrainConfig, mut meta: HeadMeta) 
                 continue;
             }
             let zb = gather(&zt, chunk)?;
-            let l = loss(&forward(cfg.head, &vars, &zb)?, &targets, &weights)?;
+            let mut l = loss(&forward(cfg.head, &vars, &zb)?, &targets, &weights)?;
+            if cfg.l2 > 0.0 {
+                for w in vars.iter().step_by(2) {
+                    l = (l + (w.as_tensor().sqr()?.sum_all()? * (cfg.l2 / 2.0))?)?;
+                }
+            }
             opt.backward_step(&l)?;
             sum += l.to_scalar::<f32>()? as f64;
             batches += 1;
