@@ -144,6 +144,48 @@ fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
     Ok(f.into_iter().map(|x| x as f32).collect())
 }
 
+/// `x · Wᵀ` for a frozen weight `W` `[out, in]` (CPU, f32) as a custom op whose backward gives
+/// the input's gradient only. candle's autograd computes a gradient for every argument of a
+/// tracked matmul, weights included; for a frozen decoder those are wasted work and memory
+/// (the tied LM head of a 152k vocabulary alone would be two 1.5 GB buffers per step).
+struct FrozenLinear(Tensor);
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(x) = storage else {
+            candle_core::bail!("frozen-linear: expected f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear: expected a contiguous input");
+        };
+        let (n, k) = self.0.dims2()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("frozen-linear: input {dims:?}, weight [{n}, {k}]");
+        }
+        let m = (end - start) / k;
+        let out = kernels::with_f32(&self.0, |w| Ok(kernels::matmul_t(&x[start..end], m, k, w, n)))
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty") = n;
+        Ok((candle_core::CpuStorage::F32(out), shape.into()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, _) = self.0.dims2()?;
+        let rows = grad_res.elem_count() / n;
+        Ok(Some(grad_res.reshape((rows, n))?.matmul(&self.0)?.reshape(arg.shape())?.to_dtype(arg.dtype())?))
+    }
+}
+
 fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // Computed in f32 like transformers, whatever the activation dtype.
     let dt = xs.dtype();
@@ -536,6 +578,10 @@ impl Decoder {
         let xs = xs.to_dtype(self.dtype)?;
         let lin = |l: &Linear, x: &Tensor| -> Result<Tensor> {
             match l {
+                // CPU f32: the frozen weight's own op (no weight gradient, batch-invariant kernel).
+                Linear::Dense(w) if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 => {
+                    Ok(x.contiguous()?.apply_op1(FrozenLinear(w.clone()))?)
+                }
                 Linear::Dense(w) => Ok(x.broadcast_matmul(&w.t()?)?),
                 _ => bail!("forward_train needs dense weights (a safetensors checkpoint), not quantized GGUF ones"),
             }
