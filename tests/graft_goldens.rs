@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use miniwob_steer::graft::init::{init, InitOptions};
 use miniwob_steer::graft::train::{self, encode_sample, read_samples, RunControl, TrainOptions};
 use miniwob_steer::graft::{GraftConfig, Hybrid, ADAPTER_FILE};
-use miniwob_steer::models::generate::GenerateConfig;
-use miniwob_steer::models::{HookSpec, WeightDType};
+use miniwob_steer::models::WeightDType;
 use std::path::{Path, PathBuf};
 
 fn make_hybrid(dir: &Path, seed: u64) -> GraftConfig {
@@ -369,16 +368,19 @@ fn training_on_sixteen_pairs_drives_the_loss_down_by_ninety_percent_and_freezes_
     }
     let t = h.cfg.training.clone().unwrap();
     assert_eq!(t["frozen_digest_before"], t["frozen_digest_after"]);
-    // The trained hybrid answers through the inference path (KV cache, hooks) what it learned.
-    let gcfg = GenerateConfig { max_new_tokens: 8, stop_ids: h.stop_ids(), ..Default::default() };
-    let mut right = 0;
-    for s in read_samples(&qa).unwrap() {
-        let img = image::open(&s.image).unwrap().to_rgb8();
-        let input = h.user_prompt(Some(&img), &s.prompt, Some(false)).unwrap();
-        let g = h.generate(&input, &gcfg, &HookSpec::none()).unwrap();
-        right += (h.tokenizer.decode(&g.tokens, false).unwrap().trim() == train::strip_think(&s.response)) as usize;
-    }
-    eprintln!("greedy answers right after training: {right}/16");
+    // The trained hybrid answers through the inference path (KV cache, hooks) what it learned:
+    // `graft eval` with thinking off (the training rendering) and on.
+    let o = miniwob_steer::graft::eval::EvalOptions {
+        data: qa.clone(),
+        modes: vec![Some(false), Some(true)],
+        max_new_tokens: 8,
+        samples: 3,
+    };
+    let rows = miniwob_steer::graft::eval::evaluate(&h, &o).unwrap();
+    let right = rows[0].correct;
+    eprintln!("graft eval after training: thinking off {right}/16, on {}/16", rows[1].correct);
     assert!(right >= 10, "only {right}/16 answers reproduced after training");
+    assert_eq!((rows[0].n, rows[0].samples.len(), rows[1].n), (16, 3, 16));
+    assert!(rows[0].samples.iter().all(|s| s.correct == (s.answer == s.expected)));
     let _ = DType::F32;
 }

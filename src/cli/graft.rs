@@ -17,6 +17,8 @@ pub enum GraftCommand {
     Init(InitArgs),
     /// Train the hybrid's adapter on screenshot QA pairs (JSONL {image, prompt, response}); all else frozen.
     Train(TrainArgs),
+    /// Exact-match accuracy on held-out screenshot QA (JSONL), thinking off and on, with samples.
+    Eval(EvalArgs),
     /// Time one training step (forward, backward, AdamW) and measure peak memory with random weights.
     Bench(BenchArgs),
 }
@@ -71,6 +73,29 @@ pub struct TrainArgs {
     #[arg(long)]
     pub restart: bool,
     /// f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// off, on, default (the template's), or a comma list; default: off,on.
+    #[arg(long, default_value = "off,on")]
+    pub thinking: String,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Generation samples kept per mode.
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    /// Write the report (JSON) here as well as to stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -143,6 +168,28 @@ pub fn run(a: GraftArgs) -> Result<()> {
                 a.model.join(graft::ADAPTER_FILE).display(),
                 out.run_dir.join("loss.png").display()
             );
+            Ok(())
+        }
+        GraftCommand::Eval(a) => {
+            let modes = a
+                .thinking
+                .split(',')
+                .map(|m| match m.trim() {
+                    "off" => Ok(Some(false)),
+                    "on" => Ok(Some(true)),
+                    "default" => Ok(None),
+                    o => anyhow::bail!("--thinking: `{o}` is not off, on or default"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let dtype: WeightDType = a.dtype.parse()?;
+            let h = graft::Hybrid::load(&a.model, &device(&a.device)?, dtype)?;
+            let o =
+                graft::eval::EvalOptions { data: a.data, modes, max_new_tokens: a.max_new_tokens, samples: a.samples };
+            let report = serde_json::to_string_pretty(&graft::eval::evaluate(&h, &o)?)?;
+            if let Some(p) = &a.out {
+                std::fs::write(p, &report)?;
+            }
+            println!("{report}");
             Ok(())
         }
         GraftCommand::Bench(a) => {
