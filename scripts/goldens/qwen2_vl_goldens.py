@@ -82,19 +82,20 @@ CORPUS = [
 ] * 4
 
 
-def build_tokenizer():
+def build_tokenizer(vocab=VOCAB, specials=SPECIALS, corpus=CORPUS):
+    """A byte-level BPE trained on `corpus` with `specials` at ids 0.. (also qwen3_goldens.py)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=SPECIALS,
+        vocab_size=vocab,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    assert tok.get_vocab_size() <= VOCAB, tok.get_vocab_size()
-    for i, s in enumerate(SPECIALS):
+    tok.train_from_iterator(corpus, trainer)
+    assert tok.get_vocab_size() <= vocab, tok.get_vocab_size()
+    for i, s in enumerate(specials):
         assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
     return tok
 

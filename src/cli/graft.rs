@@ -17,6 +17,8 @@ pub enum GraftCommand {
     Init(InitArgs),
     /// Train the hybrid's adapter on screenshot QA pairs (JSONL {image, prompt, response}); all else frozen.
     Train(TrainArgs),
+    /// Screenshot QA pairs from MiniWoB (Set-of-Marks screenshots, answers from the DOM) as JSONL.
+    Data(DataArgs),
     /// Exact-match accuracy on held-out screenshot QA (JSONL), thinking off and on, with samples.
     Eval(EvalArgs),
     /// Time one training step (forward, backward, AdamW) and measure peak memory with random weights.
@@ -77,6 +79,29 @@ pub struct TrainArgs {
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    /// Comma-separated task names (`miniwob-steer tasks` lists them).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tasks: Vec<String>,
+    /// Seeds: a range `A..B` (B excluded) or a comma list.
+    #[arg(long, default_value = "0..8")]
+    pub seeds: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// At most this many `label` and `locate` questions per episode (each).
+    #[arg(long, default_value_t = 3)]
+    pub per_kind: usize,
+}
+
+fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    if let Some((a, b)) = s.split_once("..") {
+        let (a, b): (u64, u64) = (a.trim().parse()?, b.trim().parse()?);
+        return Ok((a..b).collect());
+    }
+    s.split(',').map(|x| Ok(x.trim().parse::<u64>()?)).collect()
 }
 
 #[derive(Args, Debug)]
@@ -168,6 +193,17 @@ pub fn run(a: GraftArgs) -> Result<()> {
                 a.model.join(graft::ADAPTER_FILE).display(),
                 out.run_dir.join("loss.png").display()
             );
+            Ok(())
+        }
+        GraftCommand::Data(a) => {
+            let o = graft::data::DataOptions {
+                tasks: a.tasks,
+                seeds: parse_seeds(&a.seeds)?,
+                out: a.out.clone(),
+                per_kind: a.per_kind,
+            };
+            let n = tokio::runtime::Runtime::new()?.block_on(graft::data::collect(&o))?;
+            println!("{n} QA pairs in {}", a.out.display());
             Ok(())
         }
         GraftCommand::Eval(a) => {

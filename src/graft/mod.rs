@@ -11,6 +11,7 @@
 //! the pad repeated once per merged vision token; the adapter's output replaces those
 //! embeddings. Positions are the LM's plain 1-D ones (Qwen3 has no M-RoPE). docs/graft.md.
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod init;
 pub mod train;

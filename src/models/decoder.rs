@@ -186,6 +186,15 @@ impl candle_core::CustomOp1 for FrozenLinear {
     }
 }
 
+/// A projection's output `[batch, seq, heads·head_dim]` plus its bias, as `[batch, heads, seq, head_dim]`.
+fn split_heads(y: Tensor, bias: &Option<Tensor>, (b, seq, heads, hd): (usize, usize, usize, usize)) -> Result<Tensor> {
+    let y = match bias {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    };
+    Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
+}
+
 fn rms_norm(xs: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     // Computed in f32 like transformers, whatever the activation dtype.
     let dt = xs.dtype();
@@ -345,12 +354,8 @@ impl Decoder {
         let (b, seq, _) = xs.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &layer.attn;
-        let proj = |lin: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
-            let mut y = lin.forward(xs)?;
-            if let Some(bias) = bias {
-                y = y.broadcast_add(bias)?;
-            }
-            Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        let proj = |lin: &Linear, bias: &Option<Tensor>, heads: usize| {
+            split_heads(lin.forward(xs)?, bias, (b, seq, heads, hd))
         };
         let mut q = proj(&a.q, &a.q_bias, nh)?;
         let mut k = proj(&a.k, &a.k_bias, nkv)?;
@@ -609,13 +614,8 @@ impl Decoder {
         for layer in &self.layers {
             let a = &layer.attn;
             let h = norm(&xs, &layer.input_norm)?;
-            let proj = |l: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
-                let mut y = lin(l, &h)?;
-                if let Some(bias) = bias {
-                    y = y.broadcast_add(bias)?;
-                }
-                Ok(y.reshape((b, seq, heads, hd))?.transpose(1, 2)?.contiguous()?)
-            };
+            let proj =
+                |l: &Linear, bias: &Option<Tensor>, heads: usize| split_heads(lin(l, &h)?, bias, (b, seq, heads, hd));
             let mut q = proj(&a.q, &a.q_bias, nh)?;
             let mut k = proj(&a.k, &a.k_bias, nkv)?;
             let v = proj(&a.v, &a.v_bias, nkv)?;
