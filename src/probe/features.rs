@@ -157,7 +157,7 @@ impl Writer {
         }
         self.labels.push(class as i64);
         self.ids.push(row as i64);
-        if (row + 1) % 50 == 0 {
+        if (row + 1).is_multiple_of(50) {
             tracing::info!("probe features: {} rows", row + 1);
         }
         if self.labels.len() >= shard_rows {

@@ -98,7 +98,7 @@ impl Head {
     /// Logits `[n][classes]` of raw features (`x`: n rows of `hidden` values, row-major).
     pub fn logits(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
         let h = self.meta.hidden_size;
-        if x.len() % h != 0 || x.is_empty() {
+        if h == 0 || !x.len().is_multiple_of(h) || x.is_empty() {
             bail!("head input has {} values, expected rows of {h} (the head's hidden size)", x.len());
         }
         let n = x.len() / h;
