@@ -34,6 +34,7 @@ mod tests {
         assert_eq!(lookup("qwen-coder-0.5b").unwrap().params, "0.5B");
         assert_eq!(lookup("llama-3b").unwrap().family, "Llama-3.2");
         assert_eq!(lookup("/models/custom").map(|m| m.family), None);
-        assert_eq!(aliases().count(), 11);
+        assert_eq!(aliases().count(), REGISTRY.len());
+        assert!(aliases().any(|a| a == "qwen3-4b"));
     }
 }

@@ -695,7 +695,13 @@ where
 
 /// The DOM tree, flattened in document (pre-)order, with `<select>` options and SVG classes
 /// from `extra`.
-fn flatten(node: &DomNode, parent: Option<i64>, depth: u32, extra: &serde_json::Map<String, Value>, out: &mut Vec<Element>) {
+fn flatten(
+    node: &DomNode,
+    parent: Option<i64>,
+    depth: u32,
+    extra: &serde_json::Map<String, Value>,
+    out: &mut Vec<Element>,
+) {
     let r = node.r#ref;
     let ex = extra.get(&r.to_string());
     let (mut value, mut checked) = (None, None);

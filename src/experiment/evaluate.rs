@@ -30,23 +30,34 @@ pub fn arms(s: &Settings) -> Vec<Arm> {
     v
 }
 
-/// Runs the plan of `s` with `model` and returns its summary. `lens`: the in-loop read-out
-/// (`--lens`, VLMs).
-pub fn execute<E: AgentModel>(
-    s: &Settings,
-    model: Arc<E>,
-    vector_cache: Option<&Path>,
-    progress: bool,
-    lens: Option<LensProbe>,
-) -> Result<Summary> {
-    let t_run = Instant::now();
+/// Checks what can be checked before the model loads (a bad `--vector` file, pair or task fails
+/// in a second, not after minutes of setup); returns the `--vector` file when one is given.
+pub fn preflight(s: &Settings) -> Result<Option<(SteeringVector, PathBuf, String)>> {
+    let given = vectors::given_vector(s)?;
+    if !s.base_only && s.vector.is_none() {
+        let all = crate::steering::pairs::load(s.pairs.as_deref())?;
+        crate::steering::pairs::find(&all, &s.pair)?;
+    }
     let root = env::html_root()?;
     for t in &s.tasks {
         if !env::tasks::task_exists(&root, t) {
             bail!("unknown task `{t}` (not in {}; see `miniwob-steer tasks`)", root.display());
         }
     }
-    let given = vectors::given_vector(s)?;
+    Ok(given)
+}
+
+/// Runs the plan of `s` with `model` and returns its summary. `given`: [`preflight`]'s
+/// `--vector`; `lens`: the in-loop read-out (`--lens`, VLMs).
+pub fn execute<E: AgentModel>(
+    s: &Settings,
+    model: Arc<E>,
+    given: Option<(SteeringVector, PathBuf, String)>,
+    vector_cache: Option<&Path>,
+    progress: bool,
+    lens: Option<LensProbe>,
+) -> Result<Summary> {
+    let t_run = Instant::now();
     let info = model.info().clone();
     let layer =
         if s.base_only && s.vector.is_none() { None } else { Some(registry::parse_layer(&s.layer, info.num_layers)?) };

@@ -1,7 +1,7 @@
 //! `run`: loads the model (a text decoder, or Qwen2-VL for `--vlm`), then the one
 //! pipeline of [`super::evaluate`]: the steering vector from MiniWoB training episodes, paired
 //! baseline/steered episodes, resumably, one result line per episode, and the summary.
-use super::evaluate::execute;
+use super::evaluate::{execute, preflight};
 use super::settings::Settings;
 use super::summary::Summary;
 use crate::device::parse_device;
@@ -45,11 +45,7 @@ pub fn run_settings(
     progress: bool,
     lens: Option<(&Path, Option<usize>)>,
 ) -> Result<Summary> {
-    if !s.base_only && s.vector.is_none() {
-        // A bad pair name or --pairs file fails now, not after the model and browsers are up.
-        let all = crate::steering::pairs::load(s.pairs.as_deref())?;
-        crate::steering::pairs::find(&all, &s.pair)?;
-    }
+    let given = preflight(s)?;
     let device = parse_device(&s.device)?;
     if vlm || is_vlm_model(&s.model) {
         if !is_vlm_model(&s.model) {
@@ -60,12 +56,12 @@ pub fn run_settings(
         }
         let model = Arc::new(Qwen2Vl::load(&s.model, &device, s.dtype)?);
         let probe = lens.map(|(dir, l)| lens_probe(dir, l, s, &model.info)).transpose()?;
-        execute(s, model, vector_cache, progress, probe)
+        execute(s, model, given, vector_cache, progress, probe)
     } else {
         if lens.is_some() {
             bail!("--lens reads vision tokens: it needs --vlm and a Qwen2-VL model");
         }
         let model = Arc::new(LoadedModel::load(&s.model, &device, s.dtype)?);
-        execute(s, model, vector_cache, progress, None)
+        execute(s, model, given, vector_cache, progress, None)
     }
 }

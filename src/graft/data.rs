@@ -11,7 +11,7 @@
 //!
 //! Lines are `{image, prompt, response, task, seed, kind}` (the training reader ignores the
 //! extra fields); image paths are relative to the JSONL file.
-use crate::env::session::{EnvConfig, Observation, Session};
+use crate::env::{EnvConfig, Observation, Session};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::io::Write;

@@ -108,39 +108,6 @@ impl Tally {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn word_matching() {
-        assert_eq!(words("Click on the \"OK\" button!"), ["click", "on", "the", "ok", "button"]);
-        let w = words("Submit buttons");
-        assert!(is_grounded([" Sub", "mit"], &w), "`mit` is a 3-letter piece of submit");
-        assert!(is_grounded(["ĠBUTTON"], &w));
-        assert!(is_grounded([" submitted"], &w), "the word plus an ending");
-        assert!(!is_grounded(["su", "x", "", "!!"], &w), "2-letter pieces and punctuation do not count");
-        assert!(!is_grounded(["cancel"], &w));
-    }
-
-    #[test]
-    fn overlap_and_tally() {
-        let t = vec![TextBox { text: "Yes".into(), bbox: [10.0, 10.0, 30.0, 20.0] }];
-        assert_eq!(words_under(&[0.0, 0.0, 11.0, 11.0], &t), ["yes"]);
-        assert!(words_under(&[0.0, 0.0, 10.0, 10.0], &t).is_empty(), "touching edges do not overlap");
-        let mut tally = Tally::default();
-        tally.add("logit", "blocks.0.hook_resid_post", true);
-        tally.add("logit", "blocks.0.hook_resid_post", false);
-        tally.add("embedding", "blocks.0.hook_resid_post", false);
-        assert_eq!(tally.rate("logit", "blocks.0.hook_resid_post"), Some(0.5));
-        assert!(
-            tally.markdown().contains("| blocks.0.hook_resid_post | 0.0% (0/1) | 50.0% (1/2) |"),
-            "{}",
-            tally.markdown()
-        );
-    }
-}
-
 /// The grounded tally of a `lens query` output over the extracted items' text boxes.
 pub fn tally_lens_results(extracted: &Path, lens_results: &Path, k: usize) -> Result<Tally> {
     let mut texts: std::collections::HashMap<String, Vec<TextBox>> = Default::default();
@@ -176,4 +143,37 @@ pub fn tally_lens_results(extracted: &Path, lens_results: &Path, k: usize) -> Re
         tally.add(field("lens")?.as_str().unwrap_or_default(), field("hook_point")?.as_str().unwrap_or_default(), ok);
     }
     Ok(tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_matching() {
+        assert_eq!(words("Click on the \"OK\" button!"), ["click", "on", "the", "ok", "button"]);
+        let w = words("Submit buttons");
+        assert!(is_grounded([" Sub", "mit"], &w), "`mit` is a 3-letter piece of submit");
+        assert!(is_grounded(["ĠBUTTON"], &w));
+        assert!(is_grounded([" submitted"], &w), "the word plus an ending");
+        assert!(!is_grounded(["su", "x", "", "!!"], &w), "2-letter pieces and punctuation do not count");
+        assert!(!is_grounded(["cancel"], &w));
+    }
+
+    #[test]
+    fn overlap_and_tally() {
+        let t = vec![TextBox { text: "Yes".into(), bbox: [10.0, 10.0, 30.0, 20.0] }];
+        assert_eq!(words_under(&[0.0, 0.0, 11.0, 11.0], &t), ["yes"]);
+        assert!(words_under(&[0.0, 0.0, 10.0, 10.0], &t).is_empty(), "touching edges do not overlap");
+        let mut tally = Tally::default();
+        tally.add("logit", "blocks.0.hook_resid_post", true);
+        tally.add("logit", "blocks.0.hook_resid_post", false);
+        tally.add("embedding", "blocks.0.hook_resid_post", false);
+        assert_eq!(tally.rate("logit", "blocks.0.hook_resid_post"), Some(0.5));
+        assert!(
+            tally.markdown().contains("| blocks.0.hook_resid_post | 0.0% (0/1) | 50.0% (1/2) |"),
+            "{}",
+            tally.markdown()
+        );
+    }
 }
