@@ -46,7 +46,7 @@ enum Command {
     CheckGoldens(goldens::CheckGoldensArgs),
     /// Probes and router heads on pooled hidden states: data, features, train, eval, sweep.
     Probe(probe::ProbeArgs),
-    /// Hybrid vision + language models: init, train, bench (docs/graft.md).
+    /// Hybrid vision + language models: init, train, eval, data, bench (docs/graft.md).
     Graft(graft::GraftArgs),
 }
 

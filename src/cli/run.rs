@@ -39,7 +39,7 @@ pub struct RunArgs {
     /// and --pairs); `--prompt-type` is exp12's name for it.
     #[arg(long, alias = "prompt-type")]
     pub pair: Option<String>,
-    /// Extra prompt-pair TOML (its pairs beside the built-in ones; a name given twice is an error).
+    /// Extra prompt-pair TOML (its pairs beside the built-in ones; a name it defines replaces the built-in one).
     #[arg(long)]
     pub pairs: Option<PathBuf>,
     /// CAA method: prompt, response or pca.
