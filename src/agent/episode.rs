@@ -94,14 +94,17 @@ impl<E: AgentModel> Agent<'_, E> {
             sc * crate::env::som::enlargement(sc) as f32
         };
         let mut out = Vec::with_capacity(arms.len());
+        // What the same-seed check compares: the page as text (cheap: no tokenizing, no screenshot).
+        let page0 = self.prompts.user_text(&seen0.obs, &[], false, None);
         for (arm, gen) in arms.iter().zip(first) {
             let t0 = Instant::now();
             // Every arm acts on a fresh reset of the same seed, which must show the same page.
             let obs = sess.reset(task, seed).await?;
-            let mut seen = self.see(sess, obs, &[]).await?;
-            if seen.turn.hash != seen0.turn.hash {
+            if self.prompts.user_text(&obs, &[], false, None) != page0 {
                 tracing::warn!(task, seed, "the page differed on a second reset with the same seed");
             }
+            // The turn the model answered: the shared first one, then each later observation.
+            let mut later: Option<Seen<E::Input>> = None;
             let mut ep = EpisodeOutcome {
                 condition: arm.condition,
                 coeff: arm.coeff,
@@ -129,6 +132,7 @@ impl<E: AgentModel> Agent<'_, E> {
                 }
                 ep.output.push_str(&gen.text);
                 let parsed = parse_output(&gen.text);
+                let seen = later.as_ref().unwrap_or(&seen0);
                 if let Some(probe) = self.lens {
                     let grid = E::image_grid(&seen.turn.input);
                     let size = seen.screenshot.as_ref().map(|i| (i.width() as usize, i.height() as usize));
@@ -165,8 +169,9 @@ impl<E: AgentModel> Agent<'_, E> {
                     break;
                 }
                 let obs = sess.observe().await?;
-                seen = self.see(sess, obs, &ep.actions).await?;
-                let row = Row { input: seen.turn.input.clone(), coeff: arm.coeff };
+                let next = self.see(sess, obs, &ep.actions).await?;
+                let row = Row { input: next.turn.input.clone(), coeff: arm.coeff };
+                later = Some(next);
                 gen = self.generator.generate(vec![row]).await?.remove(0);
             }
             ep.success = ep.raw_reward > 0.0;

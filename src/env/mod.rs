@@ -16,7 +16,7 @@ pub mod tasks;
 pub use action::{Action, ActionParseError};
 pub use browser::{Browser, BrowserConfig};
 pub use observation::{Element, Observation, StepResult};
-pub use pool::{Pool, PooledSession};
+pub use pool::{Observed, Pool, PooledSession};
 pub use server::TaskServer;
 pub use session::{EnvConfig, Session};
 pub use tasks::{is_exp12, is_multi_step, list_tasks, TaskInfo, EXP12_TASKS};

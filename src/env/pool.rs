@@ -123,6 +123,35 @@ impl Pool {
         }
     }
 
+    /// The first observation of each (task, seed) in `items` (reset only; the Set-of-Marks
+    /// screenshot too when `screenshots`), in order, concurrently over the pool, each retried
+    /// on a fresh session when its browser dies.
+    pub async fn observe_all(&self, items: &[(String, u64)], screenshots: bool) -> Result<Vec<Observed>, EnvError> {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, (task, seed)) in items.iter().cloned().enumerate() {
+            let pool = self.clone();
+            set.spawn(async move {
+                let seen = pool
+                    .run(3, |mut s| {
+                        let task = task.clone();
+                        async move {
+                            let obs = s.reset(&task, seed).await?;
+                            let screenshot = if screenshots { Some(s.som_image(&obs).await?) } else { None };
+                            Ok::<_, EnvError>(Observed { obs, screenshot })
+                        }
+                    })
+                    .await?;
+                Ok::<_, EnvError>((i, seen))
+            });
+        }
+        let mut out: Vec<Option<Observed>> = (0..items.len()).map(|_| None).collect();
+        while let Some(r) = set.join_next().await {
+            let (i, v) = r.map_err(|e| EnvError::Setup(format!("observation task: {e}")))??;
+            out[i] = Some(v);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     /// Closes every idle session (sessions on loan close when dropped).
     pub async fn shutdown(&self) {
         let all: Vec<Session> = std::mem::take(&mut *self.shared.idle.lock().unwrap_or_else(|p| p.into_inner()));
@@ -172,4 +201,10 @@ impl Retryable for anyhow::Error {
     fn is_retryable(&self) -> bool {
         self.chain().any(|e| e.downcast_ref::<EnvError>().is_some_and(EnvError::is_retryable))
     }
+}
+
+/// A first observation and, when asked for, its Set-of-Marks screenshot.
+pub struct Observed {
+    pub obs: super::Observation,
+    pub screenshot: Option<image::RgbImage>,
 }

@@ -8,47 +8,21 @@ use super::results::ResultsFile;
 use super::settings::Settings;
 use crate::agent::turn::{AgentModel, View};
 use crate::agent::PromptBuilder;
-use crate::env::{EnvError, Observation, Pool};
+use crate::env::Pool;
 use crate::models::load::ModelInfo;
 use crate::steering::caa::{self, CaaOptions};
 use crate::steering::pairs;
 use crate::steering::vector::SteeringVector;
 use anyhow::{bail, Context, Result};
-use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// A training observation and, for a VLM, its Set-of-Marks screenshot.
-pub struct TrainingView {
-    pub obs: Observation,
-    pub screenshot: Option<RgbImage>,
-}
+pub type TrainingView = crate::env::Observed;
 
 /// Observations of the training episodes (reset only; screenshots when `screenshot`), in order.
 pub async fn training_views(pool: &Pool, items: &[(String, u64)], screenshot: bool) -> Result<Vec<TrainingView>> {
-    let mut set = tokio::task::JoinSet::new();
-    for (i, (task, seed)) in items.iter().cloned().enumerate() {
-        let pool = pool.clone();
-        set.spawn(async move {
-            let view = pool
-                .run(3, |mut s| {
-                    let task = task.clone();
-                    async move {
-                        let obs = s.reset(&task, seed).await?;
-                        let screenshot = if screenshot { Some(s.som_image(&obs).await?) } else { None };
-                        Ok::<_, EnvError>(TrainingView { obs, screenshot })
-                    }
-                })
-                .await?;
-            Ok::<_, EnvError>((i, view))
-        });
-    }
-    let mut out: Vec<Option<TrainingView>> = (0..items.len()).map(|_| None).collect();
-    while let Some(r) = set.join_next().await {
-        let (i, v) = r.context("training episode task")??;
-        out[i] = Some(v);
-    }
-    Ok(out.into_iter().flatten().collect())
+    Ok(pool.observe_all(items, screenshot).await?)
 }
 
 /// [`training_views`] (text only) of `train_steps` training episodes spread over `tasks`, seeds

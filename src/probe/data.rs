@@ -199,30 +199,23 @@ pub async fn observe_items(
     screenshots: bool,
     pb: &indicatif::ProgressBar,
 ) -> Result<Vec<(Observation, Option<Vec<u8>>)>> {
-    let mut set = tokio::task::JoinSet::new();
-    for (i, (task, seed)) in items.iter().cloned().enumerate() {
-        let pool = pool.clone();
-        set.spawn(async move {
-            let r = pool
-                .run(3, |mut s| {
-                    let task = task.clone();
-                    async move {
-                        let obs = s.reset(&task, seed).await?;
-                        let png = if screenshots { Some(s.som_screenshot(&obs).await?) } else { None };
-                        Ok::<_, crate::env::EnvError>((obs, png))
-                    }
-                })
-                .await;
-            (i, r.with_context(|| format!("observing {task} seed {seed}")))
-        });
-    }
-    let mut out: Vec<Option<(Observation, Option<Vec<u8>>)>> = vec![None; items.len()];
-    while let Some(r) = set.join_next().await {
-        let (i, o) = r.context("observation task")?;
-        out[i] = Some(o?);
-        pb.inc(1);
-    }
-    Ok(out.into_iter().flatten().collect())
+    let seen = pool.observe_all(items, screenshots).await?;
+    pb.inc(seen.len() as u64);
+    seen.into_iter()
+        .map(|o| {
+            let png = match o.screenshot {
+                Some(img) => {
+                    let mut buf = Vec::new();
+                    image::DynamicImage::ImageRgb8(img)
+                        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
+                        .with_context(|| format!("encoding the screenshot of {} seed {}", o.obs.task, o.obs.seed))?;
+                    Some(buf)
+                }
+                None => None,
+            };
+            Ok((o.obs, png))
+        })
+        .collect()
 }
 
 /// Dataset rows from observations: the text agent's user turn (the prompt builder of `run`), or
