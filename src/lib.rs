@@ -8,5 +8,6 @@ pub mod graft;
 pub mod interp;
 pub mod models;
 pub mod probe;
+pub mod protocol;
 pub mod steering;
 pub mod util;

@@ -1,8 +1,12 @@
 //! MiniWoB environment on real headless Chromium: scripted oracle policies, determinism, bad
 //! inputs, screenshots. One pool of 2 browsers is shared by every test of this binary.
 //! Needs `./scripts/setup.sh` (Chromium, chromedriver, the MiniWoB pages).
-use miniwob_steer::env::{self, dom, Action, EnvConfig, EnvError, Observation, Pool, PooledSession, StepResult};
+use miniwob_steer::env::{self, Action, EnvConfig, EnvError, Observation, Pool, PooledSession, StepResult};
 use std::sync::OnceLock;
+
+fn dom_text(elements: &[env::Element]) -> String {
+    miniwob_steer::agent::PromptBuilder::default().dom_text(elements).unwrap()
+}
 
 fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -44,7 +48,7 @@ fn find<'a>(obs: &'a Observation, what: &str, pred: impl Fn(&env::Element) -> bo
     obs.elements
         .iter()
         .find(|e| pred(e))
-        .unwrap_or_else(|| panic!("no {what} in {}:\n{}", obs.utterance, dom::dom_to_text(&obs.elements, 500)))
+        .unwrap_or_else(|| panic!("no {what} in {}:\n{}", obs.utterance, dom_text(&obs.elements)))
 }
 
 fn button(obs: &Observation, label: &str) -> i64 {
@@ -213,7 +217,7 @@ fn same_seed_same_episode_other_seed_differs() {
             let b = s.reset(task, 42).await.unwrap();
             assert_eq!(a.utterance, b.utterance, "{task}");
             assert_eq!(a.elements, b.elements, "{task}");
-            assert_eq!(dom::dom_to_text(&a.elements, 100), dom::dom_to_text(&b.elements, 100));
+            assert_eq!(dom_text(&a.elements), dom_text(&b.elements));
             assert!(
                 a.utterance != other.utterance || a.elements != other.elements,
                 "{task}: seeds 42 and 43 gave the same episode"
@@ -229,7 +233,7 @@ fn every_exp12_task_resets_and_observes() {
             let o = s.reset(task, 3).await.unwrap_or_else(|e| panic!("{task}: {e}"));
             assert!(!o.utterance.is_empty(), "{task}: empty utterance");
             assert!(o.elements.iter().any(|e| e.r#ref > 0 && e.tag != "BODY"), "{task}: no elements");
-            let text = dom::dom_to_text(&o.elements, dom::DEFAULT_MAX_ELEMENTS);
+            let text = dom_text(&o.elements);
             assert!(!text.is_empty(), "{task}");
         }
     })

@@ -18,7 +18,7 @@ const TASKS: &str = "click-test,click-button,click-link";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Every field of docs/results-format.md.
-const FIELDS: [&str; 33] = [
+const FIELDS: [&str; 34] = [
     "experiment",
     "model",
     "checkpoint",
@@ -50,6 +50,7 @@ const FIELDS: [&str; 33] = [
     "vector_source",
     "max_steps",
     "max_new_tokens",
+    "protocol",
     "harness_version",
     "key",
 ];

@@ -13,6 +13,7 @@ use miniwob_steer::experiment::vectors::{self, TrainingView};
 use miniwob_steer::models::hooks::{Captures, HookPoint, HookSpec, Positions};
 use miniwob_steer::models::qwen2_vl::Qwen2Vl;
 use miniwob_steer::models::WeightDType;
+use miniwob_steer::protocol::Protocol;
 use miniwob_steer::steering::caa::{steering_spec, CaaOptions, CoeffMode, Method};
 use miniwob_steer::steering::pairs;
 use std::process::Command;
@@ -45,7 +46,7 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         let obs = sess.reset("click-button", 3).await.unwrap();
         let som = sess.som_image(&obs).await.unwrap();
         let prompts = PromptBuilder::default();
-        let view = View { obs: &obs, screenshot: Some(&som), history: &[] };
+        let view = View { obs: &obs, screenshot: Some(&som), history: &[], step: 1 };
         let turn = model.turn(&prompts, &view, None).unwrap();
         let input = &turn.input;
         assert_eq!(input.images.len(), 1);
@@ -64,8 +65,8 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         let all = pairs::load(None).unwrap();
         let views: Vec<TrainingView> =
             (0..2).map(|_| TrainingView { obs: obs.clone(), screenshot: Some(som.clone()) }).collect();
-        let opts = CaaOptions { layers: vec![layer], method: Method::Prompt, batch_size: 4, response_tokens: 32 };
-        let v = vectors::compute(&*model, &views, &all, "accuracy", &opts).unwrap();
+        let opts = CaaOptions::of_protocol(&Protocol::default_protocol(), vec![layer], Method::Prompt, 1.0);
+        let v = vectors::compute(&*model, &prompts, &views, &all, "accuracy", &opts).unwrap();
         assert_eq!(v.layers.keys().copied().collect::<Vec<_>>(), vec![layer]);
         assert_eq!(v.meta.hidden_size, model.cfg.text.hidden_size, "the vector lives in the LLM residual stream");
 
@@ -91,6 +92,7 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         let steering = Steering { vector: v, layer, mode: CoeffMode::Absolute };
         let cfg = GeneratorConfig {
             max_new_tokens: 6,
+            repetition_penalty: 1.0,
             max_batch_rows: 2,
             linger: std::time::Duration::ZERO,
             prefix_cache_mb: 0,
@@ -248,10 +250,16 @@ fn real_size_figures() {
     let load_s = t0.elapsed().as_secs_f64();
     let rss_load = vm_hwm_mb();
     let img = image::RgbImage::from_fn(320, 420, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 200]));
-    let text = format!(
-        "{}\n\nTask: Click on the \"submit\" button.\n\nAnswer with the action line(s) only.",
-        miniwob_steer::agent::prompt::VLM_INSTRUCTION
-    );
+    let obs = miniwob_steer::env::Observation {
+        task: "click-button".into(),
+        seed: 0,
+        utterance: "Click on the \"submit\" button.".into(),
+        fields: vec![],
+        elements: vec![],
+        episode_time_ms: 0.0,
+        done: false,
+    };
+    let text = miniwob_steer::agent::PromptBuilder::default().user_text(&obs, &[], 1, true, None).unwrap();
     let input = model.user_prompt(&[img], &text).unwrap();
     let n_img = input.ids.iter().filter(|&&t| t == model.cfg.image_token_id).count();
     let rows = vec![input.clone(), input.clone()];

@@ -250,6 +250,8 @@ fn vector_file(path: &Path, weights_hash: &str, poison: Option<(usize, f32)>) {
             pre_norm: Default::default(),
             mean_resid_norm: Default::default(),
             created: now(),
+            read: None,
+            protocol: None,
         },
     };
     sv.save(path).unwrap();

@@ -62,7 +62,13 @@ fn sentiment_vector(method: Method, layer: usize) -> SteeringVector {
         .zip(NEGATIVE)
         .map(|(p, n)| (m.tokenizer.encode(p, false).unwrap(), m.tokenizer.encode(n, false).unwrap()))
         .collect();
-    let opts = CaaOptions { layers: vec![layer], method, batch_size: 8, response_tokens: 8 };
+    let opts = CaaOptions {
+        layers: vec![layer],
+        method,
+        batch_size: 8,
+        response_tokens: 8,
+        ..CaaOptions::of_protocol(&miniwob_steer::protocol::Protocol::default_protocol(), vec![], method, 1.0)
+    };
     caa::compute(m, &pairs, "sentiment", &opts).unwrap()
 }
 

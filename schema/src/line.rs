@@ -83,6 +83,10 @@ pub struct EpisodeLine {
     pub max_steps: Option<usize>,
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
+    /// The protocol (`name@hash`, docs/protocols.md); absent in lines of harnesses without
+    /// protocols (they ran today's `default`).
+    #[serde(default)]
+    pub protocol: Option<String>,
     pub harness_version: String,
     pub key: String,
     /// `run --vlm --lens`: per step, the top contextual neighbours of the vision tokens under the
@@ -110,6 +114,10 @@ pub struct RunConfig {
     pub vector_source: Option<String>,
     pub max_steps: Option<usize>,
     pub max_new_tokens: Option<usize>,
+    /// A protocol other than the built-in default (`name@hash`); `None` for the default, so its
+    /// runs keep the keys of harnesses without protocols and resume their files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 impl RunConfig {
@@ -124,6 +132,7 @@ impl RunConfig {
             vector_source: l.vector_source.clone(),
             max_steps: l.max_steps,
             max_new_tokens: l.max_new_tokens,
+            protocol: l.protocol.clone().filter(|p| !is_default_protocol(p)),
         }
     }
 
@@ -140,11 +149,28 @@ impl RunConfig {
         };
         let (a, b) = (serde_json::to_value(self).unwrap(), serde_json::to_value(this).unwrap());
         let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
-        a.iter()
-            .filter(|(k, v)| b.get(*k) != Some(v))
-            .map(|(k, v)| format!("{k}: {} in the file, {} in this run", show(v.clone()), show(b[k].clone())))
+        // Fields left out when unset (the protocol) may be in one side only.
+        let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+        keys.dedup();
+        let get = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            m.get(k).cloned().unwrap_or(serde_json::Value::Null)
+        };
+        keys.into_iter()
+            .filter(|k| get(a, k) != get(b, k))
+            .map(|k| {
+                let (x, y) = (get(a, k), get(b, k));
+                let show_protocol =
+                    |v: serde_json::Value| if v.is_null() && k == "protocol" { "the default".into() } else { show(v) };
+                format!("{k}: {} in the file, {} in this run", show_protocol(x), show_protocol(y))
+            })
             .collect()
     }
+}
+
+/// Whether a line's `protocol` is the built-in default (`default@…`): the default's runs keep
+/// the keys of earlier harnesses whatever the default file's hash in a given version.
+pub fn is_default_protocol(id: &str) -> bool {
+    id.split_once('@').map_or(id, |(n, _)| n) == "default"
 }
 
 /// The resume key: `task/seed/condition/coeff/layer/prompt_pair/vector_method/config` (`null`

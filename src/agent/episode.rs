@@ -1,16 +1,20 @@
 //! The episode loop, one for every model: reset with the episode seed, observe (the DOM, and the
 //! Set-of-Marks screenshot for a VLM), build the turn, generate, parse, act, reward.
 //!
+//! Everything between the observation and the reward follows the prompt builder's protocol
+//! (docs/protocols.md): the turn's text, the parser, the success rule.
+//!
 //! Paired: the rows of every condition of one (task, seed) (baseline α = 0 and the steered
 //! coefficients) are generated from the same first observation in one batch. Each condition then
 //! replays on a fresh reset of the same seed and acts on its own output; multi-step tasks go on
 //! (observe, generate one row, act) until the page says done or `max_steps` model turns.
 use super::generator::{Generator, Row, RowOutput};
-use super::parse::parse_output;
+use super::parse::parse_with;
 use super::prompt::PromptBuilder;
 use super::turn::{AgentModel, Turn, View};
 use crate::env::{Action, Observation, Session};
 use crate::interp::readout::LensProbe;
+use crate::protocol::SuccessRule;
 use anyhow::Result;
 use image::RgbImage;
 use std::time::Instant;
@@ -66,9 +70,15 @@ struct Seen<I> {
 
 impl<E: AgentModel> Agent<'_, E> {
     /// Observes the page as the model sees it after `history`.
-    async fn see(&self, sess: &mut Session, obs: Observation, history: &[String]) -> Result<Seen<E::Input>> {
+    async fn see(
+        &self,
+        sess: &mut Session,
+        obs: Observation,
+        history: &[String],
+        step: usize,
+    ) -> Result<Seen<E::Input>> {
         let screenshot = if E::SCREENSHOT { Some(sess.som_image(&obs).await?) } else { None };
-        let view = View { obs: &obs, screenshot: screenshot.as_ref(), history };
+        let view = View { obs: &obs, screenshot: screenshot.as_ref(), history, step };
         let turn = self.model.turn(self.prompts, &view, None)?;
         Ok(Seen { obs, screenshot, turn })
     }
@@ -84,7 +94,7 @@ impl<E: AgentModel> Agent<'_, E> {
     ) -> Result<Vec<EpisodeOutcome>> {
         let t_pair = Instant::now();
         let obs0 = sess.reset(task, seed).await?;
-        let seen0 = self.see(sess, obs0, &[]).await?;
+        let seen0 = self.see(sess, obs0, &[], 1).await?;
         let rows = arms.iter().map(|a| Row { input: seen0.turn.input.clone(), coeff: a.coeff }).collect();
         let first = self.generator.generate(rows).await?;
         let shared_s = t_pair.elapsed().as_secs_f64();
@@ -95,12 +105,13 @@ impl<E: AgentModel> Agent<'_, E> {
         };
         let mut out = Vec::with_capacity(arms.len());
         // What the same-seed check compares: the page as text (cheap: no tokenizing, no screenshot).
-        let page0 = self.prompts.user_text(&seen0.obs, &[], false, None);
+        let page0 = self.prompts.page_text(&seen0.obs)?;
+        let protocol = &self.prompts.protocol;
         for (arm, gen) in arms.iter().zip(first) {
             let t0 = Instant::now();
             // Every arm acts on a fresh reset of the same seed, which must show the same page.
             let obs = sess.reset(task, seed).await?;
-            if self.prompts.user_text(&obs, &[], false, None) != page0 {
+            if self.prompts.page_text(&obs)? != page0 {
                 tracing::warn!(task, seed, "the page differed on a second reset with the same seed");
             }
             // The turn the model answered: the shared first one, then each later observation.
@@ -131,7 +142,7 @@ impl<E: AgentModel> Agent<'_, E> {
                     ep.output.push_str("\n---\n");
                 }
                 ep.output.push_str(&gen.text);
-                let parsed = parse_output(&gen.text);
+                let parsed = parse_with(&gen.text, protocol.parse_options());
                 let seen = later.as_ref().unwrap_or(&seen0);
                 if let Some(probe) = self.lens {
                     let grid = E::image_grid(&seen.turn.input);
@@ -169,12 +180,15 @@ impl<E: AgentModel> Agent<'_, E> {
                     break;
                 }
                 let obs = sess.observe().await?;
-                let next = self.see(sess, obs, &ep.actions).await?;
+                let next = self.see(sess, obs, &ep.actions, ep.steps + 1).await?;
                 let row = Row { input: next.turn.input.clone(), coeff: arm.coeff };
                 later = Some(next);
                 gen = self.generator.generate(vec![row]).await?.remove(0);
             }
-            ep.success = ep.raw_reward > 0.0;
+            ep.success = match protocol.file.env.success {
+                SuccessRule::Raw => ep.raw_reward > 0.0,
+                SuccessRule::Reward => ep.reward > 0.0,
+            };
             ep.wall_s = shared_s + t0.elapsed().as_secs_f64();
             out.push(ep);
         }

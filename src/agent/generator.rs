@@ -49,6 +49,8 @@ pub struct Steering {
 #[derive(Clone)]
 pub struct GeneratorConfig {
     pub max_new_tokens: usize,
+    /// transformers' repetition penalty (1 = off; a protocol's `generation.repetition_penalty`).
+    pub repetition_penalty: f32,
     /// Upper bound on rows per forward batch.
     pub max_batch_rows: usize,
     /// After the first request arrives, wait this long for more before generating.
@@ -110,7 +112,8 @@ fn serve<E: Engine>(
     rx: mpsc::Receiver<Request<E::Input>>,
 ) -> GenStats {
     let mut stats = GenStats::default();
-    let gen_cfg = model.generate_config(cfg.max_new_tokens);
+    let mut gen_cfg = model.generate_config(cfg.max_new_tokens);
+    gen_cfg.repetition_penalty = cfg.repetition_penalty;
     let mut cache = PrefixCache::new(cfg.prefix_cache_mb);
     let mut carry: Option<Request<E::Input>> = None;
     loop {

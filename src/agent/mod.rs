@@ -10,6 +10,6 @@ pub mod turn;
 
 pub use episode::{Agent, Arm, Condition, EpisodeOutcome};
 pub use generator::{Generator, GeneratorConfig, Row, RowOutput, Steering};
-pub use parse::{parse_output, Parsed};
+pub use parse::{parse_output, parse_with, ParseOptions, Parsed};
 pub use prompt::PromptBuilder;
 pub use turn::{AgentModel, Turn, View};

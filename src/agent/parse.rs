@@ -1,14 +1,21 @@
-//! Parsing a model's output into actions (DESIGN.md §5).
+//! Parsing a model's output into actions (DESIGN.md §5), under a protocol's `parse` section.
 //!
 //! The agent grammar is a strict subset of the environment's ([`crate::env::Action`]): one action per
 //! line, each `click ref=N`, `type ref=N text="..."` or `select ref=N option="..."`; keywords are
-//! case-insensitive, strings take `\"`, `\\`, `\n`, `\t` escapes. Tolerated around the actions:
-//! leading and trailing whitespace on every line, blank lines, and Markdown code fences (a line
-//! that is only three or more backticks, optionally followed by a language tag). Anything else,
-//! including an empty output or an environment action outside the agent grammar (`click x=.. y=..`,
-//! `press`, `none`), makes the whole output a parse failure: no action runs, the raw text is kept.
+//! case-insensitive; with `parse.escapes` strings take `\"`, `\\`, `\n`, `\t` escapes (else a
+//! string ends at the next `"`). Always tolerated: leading and trailing whitespace on every line,
+//! blank lines, and Markdown code fences (a line that is only three or more backticks, optionally
+//! followed by a language tag). Then by `parse.mode`:
+//! - `strict`: anything else, including an empty output or an environment action outside the
+//!   agent grammar (`click x=.. y=..`, `press`, `none`), makes the whole output a parse failure:
+//!   no action runs, the raw text is kept.
+//! - `lenient`: lines that are not agent actions are skipped; the output fails only when no line
+//!   parses. Past [`MAX_ACTIONS`] actions the rest is ignored.
+//! - `first-line`: only the first line that is not blank or a fence is read; it must be an action.
+//!
 //! Parsing never panics (see the proptest in tests/agent_parse.rs).
 use crate::env::Action;
+use crate::protocol::ParseMode;
 
 /// At most this many action lines are accepted from one model turn.
 pub const MAX_ACTIONS: usize = 8;
@@ -42,33 +49,63 @@ pub fn in_agent_grammar(a: &Action) -> bool {
     matches!(a, Action::ClickRef(_) | Action::TypeRef { .. } | Action::SelectRef { .. })
 }
 
-/// Parses a whole model output (see the module docs).
+/// How outputs are parsed (a protocol's `parse` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseOptions {
+    pub mode: ParseMode,
+    pub escapes: bool,
+}
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        ParseOptions { mode: ParseMode::Strict, escapes: true }
+    }
+}
+
+/// Parses a whole model output with the default (strict) rules.
 pub fn parse_output(text: &str) -> Parsed {
+    parse_with(text, ParseOptions::default())
+}
+
+/// Parses a whole model output (see the module docs).
+pub fn parse_with(text: &str, opts: ParseOptions) -> Parsed {
     let fail = |why: String| Parsed { actions: Vec::new(), failure: Some(why) };
     let mut actions = Vec::new();
+    let mut first_error: Option<String> = None;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.is_empty() || is_fence(t) {
             continue;
         }
-        match t.parse::<Action>() {
+        let why = match Action::parse_with(t, opts.escapes) {
             Ok(a) if in_agent_grammar(&a) => {
                 if actions.len() == MAX_ACTIONS {
+                    if opts.mode == ParseMode::Lenient {
+                        break;
+                    }
                     return fail(format!("more than {MAX_ACTIONS} action lines"));
                 }
                 actions.push(a);
+                None
             }
-            Ok(a) => {
-                return fail(format!("line {}: `{a}` is not an agent action (click, type, select with ref=N)", i + 1))
-            }
+            Ok(a) => Some(format!("line {}: `{a}` is not an agent action (click, type, select with ref=N)", i + 1)),
             Err(e) => {
                 let preview: String = t.chars().take(60).collect();
-                return fail(format!("line {}: {e}: {preview:?}", i + 1));
+                Some(format!("line {}: {e}: {preview:?}", i + 1))
             }
+        };
+        match (opts.mode, why) {
+            (ParseMode::Strict, Some(w)) => return fail(w),
+            (ParseMode::FirstLine, Some(w)) => return fail(w),
+            (ParseMode::FirstLine, None) => break,
+            (ParseMode::Lenient, Some(w)) => {
+                first_error.get_or_insert(w);
+            }
+            (_, None) => {}
         }
     }
     if actions.is_empty() {
-        return fail("no action in the output".into());
+        return fail(first_error.map_or_else(|| "no action in the output".into(), |w| format!("no action line ({w})")));
     }
     Parsed { actions, failure: None }
 }
@@ -95,5 +132,28 @@ mod tests {
         assert!(!parse_output("press key=\"Enter\"").ok());
         assert!(!parse_output("none").ok());
         assert!(!parse_output("click x=3 y=4").ok());
+    }
+
+    #[test]
+    fn modes_and_escapes() {
+        let opts = |mode, escapes| ParseOptions { mode, escapes };
+        let text = "Sure, here it is:\nclick ref=4\nThis clicks OK.\ntype ref=5 text=\"a\\\"b\"";
+        assert!(!parse_output(text).ok());
+        let p = parse_with(text, opts(ParseMode::Lenient, true));
+        assert_eq!(p.actions, vec![Action::ClickRef(4), Action::TypeRef { r#ref: 5, text: "a\"b".into() }]);
+        // Without escapes the string ends at the backslash's quote: the line does not parse.
+        let p = parse_with(text, opts(ParseMode::Lenient, false));
+        assert_eq!(p.actions, vec![Action::ClickRef(4)]);
+        let p = parse_with("type ref=2 text=\"C:\\dir\\n\"", opts(ParseMode::Strict, false));
+        assert_eq!(p.actions, vec![Action::TypeRef { r#ref: 2, text: "C:\\dir\\n".into() }]);
+        assert!(!parse_with("type ref=2 text=\"C:\\dir\"", opts(ParseMode::Strict, true)).ok());
+        let p = parse_with("```\nclick ref=1\nclick ref=2\nnonsense", opts(ParseMode::FirstLine, true));
+        assert_eq!(p.actions, vec![Action::ClickRef(1)]);
+        assert!(!parse_with("Sure!\nclick ref=1", opts(ParseMode::FirstLine, true)).ok());
+        let e = parse_with("nothing here\npress key=\"Enter\"", opts(ParseMode::Lenient, true));
+        assert!(!e.ok() && e.failure.unwrap().contains("no action line"));
+        let many: String = (1..=10).map(|i| format!("click ref={i}\n")).collect();
+        assert_eq!(parse_with(&many, opts(ParseMode::Lenient, true)).actions.len(), MAX_ACTIONS);
+        assert!(!parse_with(&many, opts(ParseMode::Strict, true)).ok());
     }
 }

@@ -12,8 +12,8 @@ impl AgentModel for Qwen2Vl {
 
     fn turn(&self, prompts: &PromptBuilder, view: &View<'_>, suffix: Option<&str>) -> Result<Turn<VlmInput>> {
         let img = view.screenshot.context("a VLM turn needs the Set-of-Marks screenshot")?;
-        let text = prompts.user_text(view.obs, view.history, true, suffix);
-        let input = self.user_prompt(std::slice::from_ref(img), &text)?;
+        let text = prompts.user_text(view.obs, view.history, view.step, true, suffix)?;
+        let input = self.user_prompt_with(std::slice::from_ref(img), &text, prompts.vlm_system()?)?;
         let mut h = Sha256::new();
         h.update(text.as_bytes());
         h.update(img.width().to_le_bytes());

@@ -1,6 +1,6 @@
 //! How an observation becomes a model's input: the one modality-specific step of the episode
 //! pipeline. A text model reads the DOM as text through its chat template ([`PromptBuilder`]);
-//! a VLM reads the Set-of-Marks screenshot beside the same text ([`super::som`]).
+//! a VLM reads the Set-of-Marks screenshot beside the protocol's screenshot text ([`super::som`]).
 use super::prompt::{hash16, PromptBuilder};
 use crate::env::Observation;
 use crate::models::engine::Engine;
@@ -16,6 +16,8 @@ pub struct View<'a> {
     pub screenshot: Option<&'a RgbImage>,
     /// Actions taken so far in the episode.
     pub history: &'a [String],
+    /// The model turn of the episode, from 1.
+    pub step: usize,
 }
 
 /// One model turn's input and the hash recorded as the result line's `prompt_hash`.
@@ -43,7 +45,8 @@ impl AgentModel for LoadedModel {
     const SCREENSHOT: bool = false;
 
     fn turn(&self, prompts: &PromptBuilder, view: &View<'_>, suffix: Option<&str>) -> Result<Turn<Vec<u32>>> {
-        let text = prompts.render(&self.tokenizer, view.obs, view.history, suffix)?;
-        Ok(Turn { input: self.tokenizer.encode(&text, false)?, hash: hash16(&text) })
+        let user = prompts.user_text(view.obs, view.history, view.step, false, suffix)?;
+        let text = prompts.model_text(&self.tokenizer, &user)?;
+        Ok(Turn { input: prompts.encode(&self.tokenizer, &text)?, hash: hash16(&text) })
     }
 }

@@ -1,7 +1,7 @@
 //! `tasks`, `observe` and `play` subcommands.
 use anyhow::{bail, Context, Result};
 use miniwob_steer::env::session::{EnvConfig, Session};
-use miniwob_steer::env::{dom, html_root, list_tasks, Action};
+use miniwob_steer::env::{html_root, list_tasks, Action};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,9 +30,10 @@ pub struct ObserveArgs {
     /// Device pixels per CSS pixel of the screenshot (1 or 2).
     #[arg(long, default_value_t = 2)]
     pub scale: u32,
-    /// Element budget of the DOM text.
-    #[arg(long, default_value_t = dom::DEFAULT_MAX_ELEMENTS)]
-    pub max_elements: usize,
+    /// Protocol (file or built-in name) whose DOM lines `dom_text` shows, and whose page clock
+    /// and select execution the session uses.
+    #[arg(long, default_value = "default")]
+    pub protocol: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,10 +98,12 @@ pub fn run_observe(a: ObserveArgs) -> Result<()> {
     if !(1..=2).contains(&a.scale) {
         bail!("--scale must be 1 or 2");
     }
+    let protocol = std::sync::Arc::new(miniwob_steer::protocol::Protocol::load(&a.protocol)?);
+    let prompts = miniwob_steer::agent::PromptBuilder::new(protocol.clone())?;
     let rt = runtime()?;
     rt.block_on(async move {
         miniwob_steer::env::browser::install_signal_cleanup();
-        let mut cfg = EnvConfig::default();
+        let mut cfg = miniwob_steer::experiment::evaluate::env_config(&protocol);
         cfg.browser.device_scale = a.scale;
         let mut s = Session::start(cfg).await?;
         let result = async {
@@ -110,7 +113,7 @@ pub fn run_observe(a: ObserveArgs) -> Result<()> {
                 std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
             }
             let mut v = serde_json::to_value(&obs)?;
-            v["dom_text"] = serde_json::Value::String(dom::dom_to_text(&obs.elements, a.max_elements));
+            v["dom_text"] = serde_json::Value::String(prompts.dom_text(&obs.elements)?);
             println!("{}", serde_json::to_string_pretty(&v)?);
             anyhow::Ok(())
         }

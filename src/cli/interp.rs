@@ -169,7 +169,8 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
                             "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
                         let input = if a.agent_prompt {
                             use miniwob_steer::agent::AgentModel;
-                            let view = miniwob_steer::agent::View { obs: &obs, screenshot: Some(&img), history: &[] };
+                            let view =
+                                miniwob_steer::agent::View { obs: &obs, screenshot: Some(&img), history: &[], step: 1 };
                             Some(vlm.turn(&miniwob_steer::agent::PromptBuilder::default(), &view, None)?.input)
                         } else {
                             None

@@ -167,6 +167,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         stop_ids: m.tokenizer.stop_token_ids(),
         pad_id: m.tokenizer.pad_token_id().unwrap_or(0),
+        ..Default::default()
     };
     let t0 = std::time::Instant::now();
     let out = generate::generate(&m.decoder, &prompts, &cfg, &spec, &mut Default::default())?;

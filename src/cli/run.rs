@@ -2,20 +2,32 @@
 use anyhow::{bail, Context, Result};
 use miniwob_steer::device::parse_device;
 use miniwob_steer::experiment::config::{ExperimentFile, LayerSpec};
-use miniwob_steer::experiment::plan::Shard;
+use miniwob_steer::experiment::plan::{SeedPlan, Shard};
 use miniwob_steer::experiment::run::run_settings;
 use miniwob_steer::experiment::settings::{parse_tasks, Settings};
 use miniwob_steer::experiment::summary::{print_summary, print_table};
 use miniwob_steer::models::dtype::DTypeChoice;
 use miniwob_steer::models::registry;
+use miniwob_steer::protocol::Protocol;
 use miniwob_steer::steering::caa::{CoeffMode, Method};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RunArgs {
     /// Experiment file (TOML) or a built-in name (exp12, quick): default settings; flags override.
     #[arg(long)]
     pub experiment: Option<String>,
+    /// Protocol file (TOML) or a built-in name (default, legacy): everything between the
+    /// observation and the reward (prompt, DOM lines, parser, CAA read point and method,
+    /// generation, success rule, page clock, select execution; docs/protocols.md).
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Seed plan (JSONL of `{"task", "seed", "split": "train"|"eval"}`): replaces the built-in
+    /// seed ranges of the evaluation and of the vector's training episodes, in file order
+    /// (replaces --tasks, --eval-steps and --train-steps).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
     /// Registry alias, transformers directory or .gguf file [default: the experiment's first
     /// model, else qwen-coder-0.5b].
     #[arg(long)]
@@ -42,7 +54,7 @@ pub struct RunArgs {
     /// Extra prompt-pair TOML (its pairs beside the built-in ones; a name it defines replaces the built-in one).
     #[arg(long)]
     pub pairs: Option<PathBuf>,
-    /// CAA method: prompt, response or pca.
+    /// CAA method: prompt, response, response-text or pca [default: the protocol's caa.method].
     #[arg(long)]
     pub vector_method: Option<Method>,
     /// MiniWoB training episodes (observations, one per seed) the vector is computed from; seeds
@@ -88,7 +100,7 @@ pub struct RunArgs {
     /// Model turns per episode.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Generated tokens per model turn.
+    /// Generated tokens per model turn [default: the protocol's generation.max_new_tokens].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Experiment name in result lines [default: the experiment file's name, else `exp12`].
@@ -141,7 +153,27 @@ fn settings(a: &RunArgs) -> Result<Settings> {
         if let Some(c) = a.coeff.iter().find(|c| !c.is_finite() || **c == 0.0) {
             bail!("--coeff {c}: every coefficient must be finite and non-zero (α = 0 is the baseline, always run)");
         }
-        let tasks = parse_tasks(&a.tasks.clone().or(f.task_string()).unwrap_or_else(|| "all".into()))?;
+        let protocol = Arc::new(Protocol::load(a.protocol.as_deref().or(f.protocol.as_deref()).unwrap_or("default"))?);
+        let plan = match &a.plan {
+            Some(p) => {
+                if a.tasks.is_some() || a.eval_steps.is_some() || a.train_steps.is_some() {
+                    bail!(
+                        "--plan {} fixes the tasks and seeds: drop --tasks, --eval-steps and --train-steps",
+                        p.display()
+                    );
+                }
+                let root = miniwob_steer::env::html_root()?;
+                let known = |t: &str| {
+                    miniwob_steer::env::tasks::valid_name(t) && miniwob_steer::env::tasks::task_exists(&root, t)
+                };
+                Some(Arc::new(SeedPlan::read(p, known)?))
+            }
+            None => None,
+        };
+        let tasks = match &plan {
+            Some(p) => p.tasks(),
+            None => parse_tasks(&a.tasks.clone().or(f.task_string()).unwrap_or_else(|| "all".into()))?,
+        };
         let out = a.out.clone().context("--out FILE.jsonl is required")?;
         if out.extension().is_some_and(|e| e == "json") {
             bail!("--out {}: use a .jsonl file (one line per episode)", out.display());
@@ -157,9 +189,15 @@ fn settings(a: &RunArgs) -> Result<Settings> {
             coeff_mode: a.coeff_mode.or(f.coeff_mode).unwrap_or(CoeffMode::Absolute),
             pair: a.pair.clone().or(f.pair.clone()).unwrap_or_else(|| "accuracy".into()),
             pairs: a.pairs.clone(),
-            vector_method: a.vector_method.or(f.vector_method).unwrap_or(Method::Prompt),
-            train_steps: a.train_steps.or(f.train_steps).unwrap_or(50),
-            eval_steps: a.eval_steps.or(f.eval_steps).unwrap_or(10),
+            vector_method: a.vector_method.or(f.vector_method).unwrap_or(protocol.file.caa.method),
+            train_steps: match &plan {
+                Some(p) => p.train.len(),
+                None => a.train_steps.or(f.train_steps).unwrap_or(50),
+            },
+            eval_steps: match &plan {
+                Some(p) => p.eval.len(),
+                None => a.eval_steps.or(f.eval_steps).unwrap_or(10),
+            },
             seed: a.seed.or(f.seed).unwrap_or(0),
             base_only: a.base_only,
             tasks,
@@ -168,10 +206,16 @@ fn settings(a: &RunArgs) -> Result<Settings> {
             prefix_cache_mb: a.prefix_cache_mb,
             shard: Shard::resolve(a.shard.as_deref())?,
             max_steps: a.max_steps.or(f.max_steps).unwrap_or(1).max(1),
-            max_new_tokens: a.max_new_tokens.or(f.max_new_tokens).unwrap_or(40).max(1),
+            max_new_tokens: a
+                .max_new_tokens
+                .or(f.max_new_tokens)
+                .unwrap_or(protocol.file.generation.max_new_tokens)
+                .max(1),
             out,
             keep_other_configs: a.keep_other_configs,
             allow_foreign_vector: a.allow_foreign_vector,
+            protocol,
+            plan,
         })
     }
 }

@@ -1,6 +1,9 @@
 //! `vector` subcommand: compute, inspect, combine, import/export llama.cpp control vectors.
 use crate::cli::models::ModelArgs;
 use anyhow::{bail, Context, Result};
+use miniwob_steer::agent::PromptBuilder;
+use miniwob_steer::experiment::plan::SeedPlan;
+use miniwob_steer::protocol::Protocol;
 use miniwob_steer::steering::caa::{self, CaaOptions, Method};
 use miniwob_steer::steering::pairs;
 use miniwob_steer::steering::vector::SteeringVector;
@@ -60,8 +63,17 @@ pub struct ComputeArgs {
     /// Extra prompt-pair TOML.
     #[arg(long)]
     pub pairs: Option<PathBuf>,
-    #[arg(long, default_value = "prompt")]
-    pub method: Method,
+    /// CAA method: prompt, response, response-text or pca [default: the protocol's caa.method].
+    #[arg(long)]
+    pub method: Option<Method>,
+    /// Protocol file or built-in name (default, legacy): the prompt shape, the CAA join, read
+    /// point and response settings (docs/protocols.md).
+    #[arg(long, default_value = "default")]
+    pub protocol: String,
+    /// With --tasks: a seed plan (JSONL `{task, seed, split}`) whose `train` lines are the
+    /// training episodes, in order, instead of --train-steps draws from --seed.
+    #[arg(long, requires = "tasks")]
+    pub plan: Option<PathBuf>,
     /// Layer(s): auto, N, or a comma-separated list.
     #[arg(long, default_value = "auto")]
     pub layer: String,
@@ -81,8 +93,9 @@ pub struct ComputeArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 32)]
-    pub response_tokens: usize,
+    /// Response length of the response methods [default: the protocol's caa.response_tokens].
+    #[arg(long)]
+    pub response_tokens: Option<usize>,
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Also write a llama.cpp control vector.
@@ -150,9 +163,16 @@ fn compute(a: ComputeArgs) -> Result<()> {
     if let Some(n) = a.train_steps {
         texts.truncate(n);
     }
+    let protocol = std::sync::Arc::new(Protocol::load(&a.protocol)?);
+    let builder = PromptBuilder::new(protocol.clone())?;
     let m = a.model.load()?;
     let layers = crate::cli::models::parse_layers(&a.layer, m.decoder.cfg.num_layers)?;
-    let opts = CaaOptions { layers, method: a.method, batch_size: a.batch_size, response_tokens: a.response_tokens };
+    let penalty = protocol.repetition_penalty(Path::new(&m.info.checkpoint))?;
+    let mut opts = CaaOptions::of_protocol(&protocol, layers, a.method.unwrap_or(protocol.file.caa.method), penalty);
+    opts.batch_size = a.batch_size;
+    if let Some(n) = a.response_tokens {
+        opts.response_tokens = n;
+    }
     let members: Vec<pairs::PromptPair> = match &pair.combine {
         Some(names) => names.iter().map(|n| pairs::find(&all, n).cloned()).collect::<Result<_>>()?,
         None => vec![pair.clone()],
@@ -161,19 +181,24 @@ fn compute(a: ComputeArgs) -> Result<()> {
     let v = match &tasks {
         // The runner's own vector computation, on its training observations.
         Some(tasks) => {
-            let views = miniwob_steer::experiment::vectors::training_views_blocking(
-                tasks,
-                a.train_steps.unwrap_or(50),
-                a.seed,
-                2,
-            )?;
-            miniwob_steer::experiment::vectors::compute(&m, &views, &all, &pair.name, &opts)?
+            let items = match &a.plan {
+                Some(p) => {
+                    let plan = SeedPlan::read(p, miniwob_steer::env::tasks::valid_name)?;
+                    if plan.train.is_empty() {
+                        bail!("--plan {}: no \"train\" line", p.display());
+                    }
+                    plan.train
+                }
+                None => miniwob_steer::experiment::plan::training_items(tasks, a.train_steps.unwrap_or(50), a.seed),
+            };
+            let views = miniwob_steer::experiment::vectors::training_views_blocking(&items, &protocol, 2)?;
+            miniwob_steer::experiment::vectors::compute(&m, &builder, &views, &all, &pair.name, &opts)?
         }
         None => {
             let mut vs = Vec::new();
             for p in &members {
-                let prompts = caa::pair_prompts(&m, &texts, p)?;
-                tracing::info!(pair = %p.name, samples = prompts.len(), method = a.method.name(), "computing vector");
+                let prompts = caa::pair_prompts(&m, &builder, &texts, p)?;
+                tracing::info!(pair = %p.name, samples = prompts.len(), method = opts.method.name(), "computing vector");
                 vs.push(caa::compute(&m, &prompts, &p.name, &opts)?);
             }
             if vs.len() == 1 {
@@ -185,8 +210,9 @@ fn compute(a: ComputeArgs) -> Result<()> {
     };
     v.save(&out)?;
     eprintln!(
-        "wrote {} (pair {}, method {}, layers {:?}, {} samples)",
+        "wrote {} (protocol {}, pair {}, method {}, layers {:?}, {} samples)",
         out.display(),
+        protocol.id(),
         pair.name,
         v.meta.method,
         v.layers.keys().collect::<Vec<_>>(),

@@ -119,6 +119,8 @@ pub fn parse_key_chord(s: &str) -> Result<KeyChord, ActionParseError> {
 struct Lexer<'a> {
     s: &'a str,
     pos: usize,
+    /// Backslash escapes in strings (else a string ends at the next `"`, backslashes literal).
+    escapes: bool,
 }
 
 impl<'a> Lexer<'a> {
@@ -213,7 +215,7 @@ impl<'a> Lexer<'a> {
                     self.pos += i + 1;
                     return Ok(out);
                 }
-                '\\' => match chars.next() {
+                '\\' if self.escapes => match chars.next() {
                     Some((_, '"')) => out.push('"'),
                     Some((_, '\\')) => out.push('\\'),
                     Some((_, 'n')) => out.push('\n'),
@@ -232,8 +234,16 @@ impl FromStr for Action {
     type Err = ActionParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Action::parse_with(s, true)
+    }
+}
+
+impl Action {
+    /// Parses one action; `escapes = false` reads strings without backslash escapes (a string
+    /// ends at the next `"`; a protocol's `parse.escapes`).
+    pub fn parse_with(s: &str, escapes: bool) -> Result<Action, ActionParseError> {
         let s = s.trim();
-        let mut lx = Lexer { s, pos: 0 };
+        let mut lx = Lexer { s, pos: 0, escapes };
         let verb = lx.word().to_ascii_lowercase();
         let action = match verb.as_str() {
             "none" => Action::NoOp,

@@ -5,7 +5,6 @@
 //! Nothing here knows about models (DESIGN.md §2). See docs/env.md.
 pub mod action;
 pub mod browser;
-pub mod dom;
 pub mod observation;
 pub mod pool;
 pub mod server;

@@ -28,6 +28,8 @@ pub struct EnvConfig {
     pub data_mode: String,
     /// Upper bound for one WebDriver call; past it the browser is declared dead.
     pub call_timeout: Duration,
+    /// How `select ref=N option="…"` runs (a protocol's `env.select`).
+    pub select: crate::protocol::SelectMode,
 }
 
 impl Default for EnvConfig {
@@ -37,6 +39,7 @@ impl Default for EnvConfig {
             episode_max_time_ms: 60_000,
             data_mode: "train".into(),
             call_timeout: Duration::from_secs(30),
+            select: crate::protocol::SelectMode::Set,
         }
     }
 }
@@ -453,8 +456,21 @@ impl Session {
         }
         let st = match action {
             Action::ClickRef(r) if *r >= 0 => self.exec_state(CLICK_JS, vec![json!(r)]).await?,
-            Action::SelectRef { r#ref, option } => {
+            Action::SelectRef { r#ref, option } if self.cfg.select == crate::protocol::SelectMode::Set => {
                 self.exec_state(SELECT_JS, vec![json!(r#ref), json!(option)]).await?
+            }
+            // Keystrokes: click the element, then type the option text (the browser's type-ahead
+            // picks the option, as a user's keyboard would).
+            Action::SelectRef { r#ref, option } => {
+                let st = self.exec_state(CLICK_JS, vec![json!(r#ref)]).await?;
+                if st.err.is_some() {
+                    st
+                } else {
+                    let err = outcome(self.type_text(option).await)?;
+                    let mut st = self.exec_state(STATE_JS, vec![]).await?;
+                    st.err = err;
+                    st
+                }
             }
             Action::TypeRef { r#ref, .. } if *r#ref < 0 => {
                 let mut st = self.exec_state(STATE_JS, vec![]).await?;

@@ -3,7 +3,6 @@
 //! Drawn with `image` and `ab_glyph` using DejaVu Sans from Debian's fonts-dejavu-core
 //! (`$MINIWOB_STEER_FONT` overrides the path). A screenshot taken at device scale 1 is first
 //! enlarged to 2× (nearest neighbour) so that labels stay readable on the 160×210 task area.
-use super::dom::is_informative;
 use super::observation::Element;
 use ab_glyph::{Font, FontVec, PxScale, ScaleFont};
 use image::{Rgba, RgbaImage};
@@ -92,6 +91,17 @@ pub fn draw_text(img: &mut RgbaImage, font: &FontVec, size: f32, x: f32, y: f32,
         }
         pen += sf.h_advance(id);
     }
+}
+
+/// Whether an element carries information of its own: not `<body>`, and interactive, or with
+/// text, an id, a value or a checked state, or a leaf (a bare wrapper carries none).
+fn is_informative(e: &Element, has_children: bool) -> bool {
+    if e.tag == "BODY" {
+        return false;
+    }
+    let interactive = e.tag.starts_with("INPUT")
+        || matches!(e.tag.as_str(), "BUTTON" | "A" | "SELECT" | "TEXTAREA" | "LABEL" | "OPTION");
+    interactive || !e.text.is_empty() || !e.id.is_empty() || e.value.is_some() || e.checked.is_some() || !has_children
 }
 
 /// Elements that get a mark: positive refs, informative (as in the DOM text), not a bare

@@ -65,6 +65,8 @@ pub struct ExperimentFile {
     pub max_new_tokens: Option<usize>,
     pub concurrency: Option<usize>,
     pub dtype: Option<crate::models::dtype::DTypeChoice>,
+    /// The protocol (a file or a built-in name; docs/protocols.md) [default: `default`].
+    pub protocol: Option<String>,
 }
 
 impl ExperimentFile {

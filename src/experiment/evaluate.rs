@@ -14,6 +14,7 @@ use crate::env::{self, EnvConfig, Pool};
 use crate::interp::readout::LensProbe;
 use crate::models::hooks::HookPoint;
 use crate::models::registry;
+use crate::protocol::Protocol;
 use crate::steering::vector::SteeringVector;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -61,9 +62,9 @@ pub fn execute<E: AgentModel>(
     let info = model.info().clone();
     let layer =
         if s.base_only && s.vector.is_none() { None } else { Some(registry::parse_layer(&s.layer, info.num_layers)?) };
-    vectors::check_given_vector(&given, &info, layer, s.allow_foreign_vector)?;
+    vectors::check_given_vector(&given, &info, layer, s.allow_foreign_vector, &s.protocol)?;
     let arms = arms(s);
-    let items = plan::shard(&plan::expand(&s.tasks, s.eval_steps, s.seed)?, s.shard);
+    let items = plan::shard(&s.eval_items()?, s.shard);
     let pairs_hash = vectors::pairs_hash(s)?;
     let mut meta =
         RunMeta::new(s, &info, layer, E::SCREENSHOT, given.as_ref().map(|g| g.2.as_str()), pairs_hash.as_deref());
@@ -152,9 +153,10 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-pub fn env_config() -> EnvConfig {
-    // Generation time counts against the page's clock; keep the limit far away.
-    EnvConfig { episode_max_time_ms: 600_000, ..EnvConfig::default() }
+/// The browser settings a protocol fixes (`env`): the page clock and the select execution.
+pub fn env_config(protocol: &Protocol) -> EnvConfig {
+    let e = &protocol.file.env;
+    EnvConfig { episode_max_time_ms: e.episode_max_time_ms, select: e.select, ..EnvConfig::default() }
 }
 
 /// What the evaluation shares with [`execute`].
@@ -192,7 +194,7 @@ async fn evaluate<E: AgentModel>(
     let s = run.s;
     env::browser::install_signal_cleanup();
     let t0 = Instant::now();
-    let pool = Pool::new(s.concurrency, env_config()).await?;
+    let pool = Pool::new(s.concurrency, env_config(&s.protocol)).await?;
     tracing::info!(sessions = s.concurrency, "browsers up in {:.1}s", t0.elapsed().as_secs_f64());
     let steering = match (s.base_only, run.layer) {
         (false, Some(l)) => {
@@ -210,6 +212,7 @@ async fn evaluate<E: AgentModel>(
         steering.map(|(st, _)| st),
         GeneratorConfig {
             max_new_tokens: s.max_new_tokens,
+            repetition_penalty: s.protocol.repetition_penalty(Path::new(&model.info().checkpoint))?,
             max_batch_rows: (s.concurrency * (1 + s.coeffs.len())).max(2),
             linger: Duration::from_millis(250),
             prefix_cache_mb: s.prefix_cache_mb,
@@ -220,7 +223,7 @@ async fn evaluate<E: AgentModel>(
     let total: usize = pending.iter().map(|p| p.1.len()).sum();
     let pb = progress_bar(total, run.progress);
     let meta = Arc::new(meta);
-    let builder = Arc::new(PromptBuilder::default());
+    let builder = Arc::new(PromptBuilder::new(s.protocol.clone())?);
     let lens = lens.map(Arc::new);
     let counts = Arc::new(Mutex::new(Counts::default()));
     let mut set = tokio::task::JoinSet::new();

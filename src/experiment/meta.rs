@@ -33,6 +33,8 @@ pub struct RunMeta {
     pub prompt_pair: Option<String>,
     pub vector_method: Option<String>,
     pub harness: String,
+    /// The protocol (`name@hash`), in every line.
+    pub protocol: String,
     /// What else decides the outcome (model, dtype, vector source, …): part of every key.
     pub config: RunConfig,
     pub config_id: String,
@@ -52,12 +54,19 @@ impl RunMeta {
         let vector_source = match (s.base_only, vector_file_hash) {
             (true, _) => None,
             (false, Some(h)) => Some(format!("file:{h}")),
-            // The vector cache is keyed by model, pair, method, layer, train steps and seed; the
-            // first three are in every key already.
-            (false, None) => Some(match pairs_hash {
-                Some(p) => format!("caa:n={},seed={},pairs={p}", s.train_steps, s.seed),
-                None => format!("caa:n={},seed={}", s.train_steps, s.seed),
-            }),
+            // The vector cache is keyed by model, pair, method, layer, training episodes (train
+            // steps and seed, or a plan) and protocol; the first three and the protocol are in
+            // every key already.
+            (false, None) => {
+                let train = match &s.plan {
+                    Some(p) => format!("caa:plan={}", p.hash),
+                    None => format!("caa:n={},seed={}", s.train_steps, s.seed),
+                };
+                Some(match pairs_hash {
+                    Some(p) => format!("{train},pairs={p}"),
+                    None => train,
+                })
+            }
         };
         let config = RunConfig {
             experiment: s.experiment.clone(),
@@ -69,6 +78,7 @@ impl RunMeta {
             vector_source,
             max_steps: Some(s.max_steps),
             max_new_tokens: Some(s.max_new_tokens),
+            protocol: (!s.protocol.is_default()).then(|| s.protocol.id()),
         };
         RunMeta {
             experiment: s.experiment.clone(),
@@ -79,6 +89,7 @@ impl RunMeta {
             prompt_pair: (!s.base_only).then(|| s.pair.clone()),
             vector_method: (!s.base_only).then(|| s.vector_method.name().to_string()),
             harness: harness_version(),
+            protocol: s.protocol.id(),
             config_id: config.id(),
             config,
         }
@@ -130,6 +141,7 @@ impl RunMeta {
             vector_source: self.config.vector_source.clone(),
             max_steps: self.config.max_steps,
             max_new_tokens: self.config.max_new_tokens,
+            protocol: Some(self.protocol.clone()),
             harness_version: self.harness.clone(),
             key: self.key(task, seed, ep.condition.name(), ep.coeff),
             lens: None,

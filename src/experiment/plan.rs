@@ -106,6 +106,87 @@ pub fn training_items(tasks: &[String], n: usize, seed: u64) -> Vec<(String, u64
     out
 }
 
+/// A seed plan (`run --plan FILE`): JSONL of `{"task": …, "seed": …, "split": "train"|"eval"}`,
+/// replacing the built-in seed ranges for both the vector's training episodes and the evaluation,
+/// in file order, so a run can replay exactly the episodes another harness drew.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedPlan {
+    /// sha256 prefix of the file's bytes (in the vector source of result lines).
+    pub hash: String,
+    pub train: Vec<(String, u64)>,
+    pub eval: Vec<(String, u64)>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanLine {
+    task: String,
+    seed: u64,
+    split: String,
+}
+
+impl SeedPlan {
+    /// Reads and checks a plan: every line names a known task (`known`), a seed the page can
+    /// take and a split; no (task, seed) twice in one split. Errors name the file and the line.
+    pub fn read(path: &std::path::Path, known: impl Fn(&str) -> bool) -> Result<SeedPlan> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading --plan {}", path.display()))?;
+        let mut plan = SeedPlan { hash: miniwob_steer_schema::hash16(&text), train: Vec::new(), eval: Vec::new() };
+        for (i, line) in text.lines().enumerate() {
+            let at = || format!("{} line {}", path.display(), i + 1);
+            if line.trim().is_empty() {
+                continue;
+            }
+            let l: PlanLine = serde_json::from_str(line).with_context(|| {
+                format!("{}: expected {{\"task\": …, \"seed\": …, \"split\": \"train\"|\"eval\"}}", at())
+            })?;
+            if !known(&l.task) {
+                bail!("{}: unknown task `{}`", at(), l.task);
+            }
+            if l.seed > crate::env::session::MAX_SEED {
+                bail!(
+                    "{}: seed {} is above {} (the largest exact JavaScript integer)",
+                    at(),
+                    l.seed,
+                    crate::env::session::MAX_SEED
+                );
+            }
+            let split = match l.split.as_str() {
+                "train" => &mut plan.train,
+                "eval" => &mut plan.eval,
+                s => bail!("{}: split {s:?}: expected \"train\" or \"eval\"", at()),
+            };
+            if split.iter().any(|(t, s)| *t == l.task && *s == l.seed) {
+                bail!("{}: {} seed {} is already in the {} split", at(), l.task, l.seed, l.split);
+            }
+            split.push((l.task, l.seed));
+        }
+        if plan.eval.is_empty() {
+            bail!("--plan {}: no \"eval\" line", path.display());
+        }
+        Ok(plan)
+    }
+
+    /// The evaluation items, in file order.
+    pub fn eval_items(&self) -> Vec<Item> {
+        self.eval
+            .iter()
+            .enumerate()
+            .map(|(index, (task, seed))| Item { index, task: task.clone(), seed: *seed })
+            .collect()
+    }
+
+    /// The evaluation tasks in order of first appearance.
+    pub fn tasks(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (t, _) in &self.eval {
+            if !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +226,38 @@ mod tests {
         assert_eq!(train, training_items(&tasks(3), 50, 0));
         assert_ne!(train, training_items(&tasks(3), 50, 1));
         assert!(expand(&tasks(1), 10, TRAIN_SEED_MIN - 5).is_err());
+    }
+
+    #[test]
+    fn seed_plans_replay_in_order_and_name_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("plan.jsonl");
+        let known = |t: &str| t.starts_with("click-");
+        std::fs::write(
+            &p,
+            "{\"task\": \"click-b\", \"seed\": 9, \"split\": \"eval\"}\n\n\
+             {\"task\": \"click-a\", \"seed\": 3, \"split\": \"train\"}\n\
+             {\"task\": \"click-a\", \"seed\": 1, \"split\": \"eval\"}\n",
+        )
+        .unwrap();
+        let plan = SeedPlan::read(&p, known).unwrap();
+        assert_eq!(plan.train, vec![("click-a".to_string(), 3)]);
+        let items = plan.eval_items();
+        assert_eq!((items[0].task.as_str(), items[0].seed, items[1].seed, items[1].index), ("click-b", 9, 1, 1));
+        assert_eq!(plan.tasks(), vec!["click-b", "click-a"]);
+        for (line, want) in [
+            ("{\"task\": \"nope\", \"seed\": 1, \"split\": \"eval\"}", "line 2: unknown task `nope`"),
+            ("{\"task\": \"click-a\", \"split\": \"eval\"}", "line 2"),
+            ("{\"task\": \"click-a\", \"seed\": 1, \"split\": \"test\"}", "line 2: split \"test\""),
+            ("{\"task\": \"click-b\", \"seed\": 9, \"split\": \"eval\"}", "line 2: click-b seed 9 is already"),
+            ("{\"task\": \"click-a\", \"seed\": 1, \"split\": \"eval\", \"x\": 1}", "line 2"),
+        ] {
+            std::fs::write(&p, format!("{{\"task\": \"click-b\", \"seed\": 9, \"split\": \"eval\"}}\n{line}\n"))
+                .unwrap();
+            let e = format!("{:#}", SeedPlan::read(&p, known).unwrap_err());
+            assert!(e.contains(want) && e.contains("plan.jsonl"), "{line}: {e}");
+        }
+        std::fs::write(&p, "{\"task\": \"click-a\", \"seed\": 1, \"split\": \"train\"}\n").unwrap();
+        assert!(SeedPlan::read(&p, known).unwrap_err().to_string().contains("no \"eval\" line"));
     }
 }

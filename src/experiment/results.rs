@@ -247,6 +247,7 @@ mod tests {
             vector_source: Some("caa:n=2,seed=0".into()),
             max_steps: Some(1),
             max_new_tokens: Some(12),
+            protocol: None,
         }
     }
 
@@ -284,6 +285,7 @@ mod tests {
             vector_source: c.vector_source.clone(),
             max_steps: c.max_steps,
             max_new_tokens: c.max_new_tokens,
+            protocol: c.protocol.clone(),
             harness_version: "x".into(),
             key,
             lens: None,

@@ -1,11 +1,13 @@
 //! `run`'s settings, resolved (the command line's flags over the experiment file over the
 //! defaults: src/cli/run.rs), and the task list syntax.
-use super::plan::Shard;
+use super::plan::{self, Item, SeedPlan, Shard};
 use crate::env;
 use crate::models::weights::WeightDType;
+use crate::protocol::Protocol;
 use crate::steering::caa::{CoeffMode, Method};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Settings after merging flags, the experiment file and defaults.
 #[derive(Debug, Clone)]
@@ -36,6 +38,31 @@ pub struct Settings {
     pub out: PathBuf,
     pub keep_other_configs: bool,
     pub allow_foreign_vector: bool,
+    /// Everything between observation and reward (`--protocol`; docs/protocols.md).
+    pub protocol: Arc<Protocol>,
+    /// `--plan FILE`: the (task, seed) lists that replace the built-in seed ranges.
+    pub plan: Option<Arc<SeedPlan>>,
+}
+
+impl Settings {
+    /// The evaluation items: the plan's, else `tasks` × `eval_steps` seeds from `seed`.
+    pub fn eval_items(&self) -> Result<Vec<Item>> {
+        match &self.plan {
+            Some(p) => Ok(p.eval_items()),
+            None => plan::expand(&self.tasks, self.eval_steps, self.seed),
+        }
+    }
+
+    /// The vector's training episodes: the plan's, else `train_steps` draws from `seed`.
+    pub fn train_items(&self) -> Result<Vec<(String, u64)>> {
+        match &self.plan {
+            Some(p) if p.train.is_empty() => {
+                bail!("the --plan file has no \"train\" line: a steering vector needs training episodes (or pass --vector FILE, or --base-only)")
+            }
+            Some(p) => Ok(p.train.clone()),
+            None => Ok(plan::training_items(&self.tasks, self.train_steps, self.seed)),
+        }
+    }
 }
 
 /// `all` → the exp12 set; otherwise a comma-separated list (order kept, duplicates dropped).

@@ -3,13 +3,14 @@
 //! the pair's instruction appended), cached under `<out dir>/vectors/` and published without
 //! clobbering (when another shard wrote it first, that one is used, so every shard records the
 //! same vector hash).
-use super::plan;
+
 use super::results::ResultsFile;
 use super::settings::Settings;
 use crate::agent::turn::{AgentModel, View};
 use crate::agent::PromptBuilder;
 use crate::env::Pool;
 use crate::models::load::ModelInfo;
+use crate::protocol::Protocol;
 use crate::steering::caa::{self, CaaOptions};
 use crate::steering::pairs;
 use crate::steering::vector::SteeringVector;
@@ -25,33 +26,31 @@ pub async fn training_views(pool: &Pool, items: &[(String, u64)], screenshot: bo
     Ok(pool.observe_all(items, screenshot).await?)
 }
 
-/// [`training_views`] (text only) of `train_steps` training episodes spread over `tasks`, seeds
-/// drawn from an RNG seeded with `seed` (disjoint from `run`'s evaluation seeds), on its own
-/// browser pool (`vector --tasks`).
+/// [`training_views`] (text only) of training episodes on their own browser pool (`vector
+/// --tasks`): `items`, from a plan or [`super::plan::training_items`].
 pub fn training_views_blocking(
-    tasks: &[String],
-    train_steps: usize,
-    seed: u64,
+    items: &[(String, u64)],
+    protocol: &Protocol,
     concurrency: usize,
 ) -> Result<Vec<TrainingView>> {
-    if train_steps == 0 {
+    if items.is_empty() {
         bail!("--train-steps 0: a steering vector needs training episodes");
     }
-    let items = plan::training_items(tasks, train_steps, seed);
     let views = super::evaluate::runtime()?.block_on(async {
-        let pool = Pool::new(concurrency.max(1), super::evaluate::env_config()).await?;
-        let v = training_views(&pool, &items, false).await;
+        let pool = Pool::new(concurrency.max(1), super::evaluate::env_config(protocol)).await?;
+        let v = training_views(&pool, items, false).await;
         pool.shutdown().await;
         v
     })?;
-    tracing::info!(episodes = views.len(), tasks = tasks.len(), "training observations");
+    tracing::info!(episodes = views.len(), "training observations");
     Ok(views)
 }
 
 /// (positive, negative) inputs of `model` for every training view: the evaluation turn with the
-/// pair's positive or negative instruction appended.
+/// pair's positive or negative instruction appended (after the protocol's `caa.join`).
 pub fn pair_inputs<E: AgentModel>(
     model: &E,
+    prompts: &PromptBuilder,
     views: &[TrainingView],
     pair: &pairs::PromptPair,
 ) -> Result<Vec<(E::Input, E::Input)>> {
@@ -59,12 +58,11 @@ pub fn pair_inputs<E: AgentModel>(
         (Some(p), Some(n)) => (p.as_str(), n.as_str()),
         _ => bail!("pair `{}` is a composite; compute its members and combine them", pair.name),
     };
-    let prompts = PromptBuilder::default();
     views
         .iter()
         .map(|v| {
-            let view = View { obs: &v.obs, screenshot: v.screenshot.as_ref(), history: &[] };
-            Ok((model.turn(&prompts, &view, Some(pos))?.input, model.turn(&prompts, &view, Some(neg))?.input))
+            let view = View { obs: &v.obs, screenshot: v.screenshot.as_ref(), history: &[], step: 1 };
+            Ok((model.turn(prompts, &view, Some(pos))?.input, model.turn(prompts, &view, Some(neg))?.input))
         })
         .collect()
 }
@@ -81,6 +79,7 @@ fn members(all: &[pairs::PromptPair], pair: &pairs::PromptPair) -> Result<Vec<pa
 /// composite.
 pub fn compute<E: AgentModel>(
     model: &E,
+    prompts: &PromptBuilder,
     views: &[TrainingView],
     all: &[pairs::PromptPair],
     pair_name: &str,
@@ -89,7 +88,7 @@ pub fn compute<E: AgentModel>(
     let pair = pairs::find(all, pair_name)?;
     let mut vs = Vec::new();
     for p in members(all, pair)? {
-        vs.push(caa::compute(model, &pair_inputs(model, views, &p)?, &p.name, opts)?);
+        vs.push(caa::compute(model, &pair_inputs(model, prompts, views, &p)?, &p.name, opts)?);
     }
     if vs.len() == 1 {
         Ok(vs.pop().expect("one vector"))
@@ -111,13 +110,18 @@ pub fn cache_path(s: &Settings, explicit: Option<&Path>, layer: usize, model: &s
         Some(h) => format!("_p{h}"),
         None => String::new(),
     };
+    // The default protocol keeps the names of harnesses without protocols; a plan replaces the
+    // training seeds.
+    let protocol = if s.protocol.is_default() { String::new() } else { format!("_P{}", s.protocol.hash) };
+    let train = match &s.plan {
+        Some(p) => format!("plan{}", p.hash),
+        None => format!("n{}_s{}", s.train_steps, s.seed),
+    };
     Ok(dir.join(format!(
-        "{safe}{}_{}_{}_L{layer}_n{}_s{}{pairs}.safetensors",
+        "{safe}{}_{}_{}_L{layer}_{train}{pairs}{protocol}.safetensors",
         if vlm { "_vlm" } else { "" },
         s.pair,
         s.vector_method.name(),
-        s.train_steps,
-        s.seed
     )))
 }
 
@@ -143,15 +147,17 @@ pub async fn compute_and_publish<E: AgentModel>(
 ) -> Result<SteeringVector> {
     let all = pairs::load(s.pairs.as_deref())?;
     pairs::find(&all, &s.pair)?;
-    if s.train_steps == 0 {
+    if s.train_steps == 0 && s.plan.is_none() {
         bail!("--train-steps 0: a steering vector needs training episodes (or pass --vector FILE, or --base-only)");
     }
-    let items = plan::training_items(&s.tasks, s.train_steps, s.seed);
+    let items = s.train_items()?;
     let t0 = Instant::now();
     let views = training_views(pool, &items, E::SCREENSHOT).await?;
     tracing::info!(episodes = views.len(), "training observations in {:.1}s", t0.elapsed().as_secs_f64());
-    let opts = CaaOptions { layers: vec![layer], method: s.vector_method, batch_size: 4, response_tokens: 32 };
-    let v = compute(model, &views, &all, &s.pair, &opts)?;
+    let penalty = s.protocol.repetition_penalty(Path::new(&model.info().checkpoint))?;
+    let opts = CaaOptions::of_protocol(&s.protocol, vec![layer], s.vector_method, penalty);
+    let prompts = PromptBuilder::new(s.protocol.clone())?;
+    let v = compute(model, &prompts, &views, &all, &s.pair, &opts)?;
     tracing::info!("vector computed in {:.1}s", t0.elapsed().as_secs_f64());
     publish(&v, path)
 }
@@ -193,6 +199,13 @@ pub async fn resolve<E: AgentModel>(
                 compute_and_publish(pool, model, s, layer, &path).await?
             };
             v.check_model(model.info(), false).with_context(|| format!("vector {}", path.display()))?;
+            if let Some(other) = foreign_protocol(&v, &s.protocol) {
+                bail!(
+                    "vector {} was computed under protocol {other}, this run uses {}; delete it or pass it as --vector to use it anyway",
+                    path.display(),
+                    s.protocol.id()
+                );
+            }
             let hash = v.content_hash()?;
             (v, path, hash)
         }
@@ -210,18 +223,37 @@ pub fn given_vector(s: &Settings) -> Result<Option<(SteeringVector, PathBuf, Str
     }
 }
 
-/// Checks a given vector against the loaded model and the layer, with the file named.
+/// The protocol a vector was made under when it is not `protocol` (files without one were
+/// made under the default).
+pub fn foreign_protocol(v: &SteeringVector, protocol: &Protocol) -> Option<String> {
+    match &v.meta.protocol {
+        Some(id) if *id != protocol.id() => Some(id.clone()),
+        None if !protocol.is_default() => Some("default (a file without a protocol)".into()),
+        _ => None,
+    }
+}
+
+/// Checks a given vector against the loaded model and the layer, with the file named; a vector
+/// of another protocol is used as asked, with a warning.
 pub fn check_given_vector(
     given: &Option<(SteeringVector, PathBuf, String)>,
     info: &ModelInfo,
     layer: Option<usize>,
     allow_foreign: bool,
+    protocol: &Protocol,
 ) -> Result<()> {
     if let Some((v, p, _)) = given {
         let ctx = || format!("--vector {}", p.display());
         v.check_model(info, allow_foreign).with_context(ctx)?;
         if let Some(l) = layer {
             v.layer(l).with_context(ctx)?;
+        }
+        if let Some(other) = foreign_protocol(v, protocol) {
+            tracing::warn!(
+                "--vector {} was computed under protocol {other}; this run uses {} (used as given)",
+                p.display(),
+                protocol.id()
+            );
         }
     }
     Ok(())

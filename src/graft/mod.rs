@@ -343,7 +343,7 @@ impl Hybrid {
     pub fn generate(&self, input: &HybridInput, cfg: &GenerateConfig, spec: &HookSpec) -> Result<Generation> {
         let mut caps = Captures::default();
         let (logits, mut state) = self.prefill(input, spec, &mut caps)?;
-        let gens = generate::decode_loop(logits, vec![input.ids.len()], cfg, |next| {
+        let gens = generate::decode_loop(logits, &[&input.ids[..]], cfg, |next| {
             let ids = Tensor::from_vec(next, (1, 1), self.device())?;
             self.decoder.forward(&ids, &mut state, &StepInfo::decode(1), spec, &mut caps, false)
         })?;

@@ -35,6 +35,8 @@ pub trait Engine: Send + Sync + 'static {
     fn ids(input: &Self::Input) -> &[u32];
     /// The input followed by `tokens` (a prompt and its response).
     fn append(input: &Self::Input, tokens: &[u32]) -> Self::Input;
+    /// A text-only input of these token ids (no template, no image).
+    fn text_input(ids: Vec<u32>) -> Self::Input;
 
     /// Generates every row in one batch; `spec`'s per-row coefficients index `rows`. Rows with
     /// equal inputs share one prefill when the spec only acts at `last` positions, and `cache`
@@ -63,6 +65,7 @@ pub trait Engine: Send + Sync + 'static {
         let tok = self.tokenizer();
         GenerateConfig {
             max_new_tokens,
+            repetition_penalty: 1.0,
             stop_ids: tok.stop_token_ids(),
             pad_id: tok.pad_token_id().unwrap_or(0),
             ..Default::default()
@@ -84,6 +87,9 @@ impl Engine for LoadedModel {
     }
     fn ids(input: &Vec<u32>) -> &[u32] {
         input
+    }
+    fn text_input(ids: Vec<u32>) -> Vec<u32> {
+        ids
     }
     fn append(input: &Vec<u32>, tokens: &[u32]) -> Vec<u32> {
         let mut v = input.clone();
@@ -132,6 +138,9 @@ impl Engine for Qwen2Vl {
     }
     fn ids(input: &VlmInput) -> &[u32] {
         &input.ids
+    }
+    fn text_input(ids: Vec<u32>) -> VlmInput {
+        VlmInput { ids, images: Vec::new() }
     }
     fn append(input: &VlmInput, tokens: &[u32]) -> VlmInput {
         let mut v = input.clone();

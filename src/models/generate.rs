@@ -26,11 +26,22 @@ pub struct GenerateConfig {
     pub seed: u64,
     pub stop_ids: Vec<u32>,
     pub pad_id: u32,
+    /// transformers' repetition penalty (1 = off): before each pick, the logit of every token
+    /// already in the row (prompt and generated) is divided by it when positive, multiplied
+    /// when negative. Applies to greedy decoding too.
+    pub repetition_penalty: f32,
 }
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        Self { max_new_tokens: 64, sampling: Sampling::Greedy, seed: 0, stop_ids: vec![], pad_id: 0 }
+        Self {
+            max_new_tokens: 64,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            stop_ids: vec![],
+            pad_id: 0,
+            repetition_penalty: 1.0,
+        }
     }
 }
 
@@ -138,44 +149,53 @@ pub fn generate(
     let (ids, pads) = left_pad(prompts, cfg.pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
     let logits = model.forward(&ids, &mut state, &StepInfo::prefill(pads), spec, caps, false)?;
-    continue_generation(model, &mut state, logits, prompts.iter().map(|p| p.len()).collect(), cfg, spec, caps)
+    let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    continue_generation(model, &mut state, logits, &rows, cfg, spec, caps)
 }
 
-/// Decodes from a state whose last forward returned `logits` (`[batch, 1, vocab]`).
+/// Decodes from a state whose last forward returned `logits` (`[batch, 1, vocab]`) after each
+/// row's `prompts` ids.
 pub fn continue_generation(
     model: &Decoder,
     state: &mut State,
     logits: Tensor,
-    prompt_tokens: Vec<usize>,
+    prompts: &[&[u32]],
     cfg: &GenerateConfig,
     spec: &HookSpec,
     caps: &mut Captures,
 ) -> Result<Vec<Generation>> {
     let b = state.batch();
-    decode_loop(logits, prompt_tokens, cfg, |next| {
+    decode_loop(logits, prompts, cfg, |next| {
         let ids = Tensor::from_vec(next, (b, 1), model.device())?;
         model.forward(&ids, state, &StepInfo::decode(b), spec, caps, false)
     })
 }
 
 /// The token loop shared by every model: picks each row's next token from `logits`
-/// (`[batch, 1, vocab]`), stops rows at a stop id (padding them afterwards), and calls `step`
-/// with the batch's next ids for the following logits.
+/// (`[batch, 1, vocab]`; row `r` continues `prompts[r]`), stops rows at a stop id (padding them
+/// afterwards), and calls `step` with the batch's next ids for the following logits.
 pub fn decode_loop(
     mut logits: Tensor,
-    prompt_tokens: Vec<usize>,
+    prompts: &[&[u32]],
     cfg: &GenerateConfig,
     mut step: impl FnMut(Vec<u32>) -> Result<Tensor>,
 ) -> Result<Vec<Generation>> {
-    let b = prompt_tokens.len();
+    let b = prompts.len();
     let mut rngs: Vec<rand::rngs::StdRng> = (0..b).map(|_| rand::rngs::StdRng::seed_from_u64(cfg.seed)).collect();
-    let mut out: Vec<Generation> = prompt_tokens
-        .into_iter()
-        .map(|n| Generation { tokens: vec![], stop: None, prompt_tokens: n, logits_hash: FNV_OFFSET })
+    let mut out: Vec<Generation> = prompts
+        .iter()
+        .map(|p| Generation { tokens: vec![], stop: None, prompt_tokens: p.len(), logits_hash: FNV_OFFSET })
         .collect();
+    let penalty = cfg.repetition_penalty;
+    if !(penalty.is_finite() && penalty > 0.0) {
+        bail!("repetition penalty {penalty}: expected a positive number (1 = off)");
+    }
+    // The tokens each row has seen, for the penalty (a set, as transformers' gather/scatter).
+    let mut seen: Vec<std::collections::BTreeSet<u32>> =
+        if penalty != 1.0 { prompts.iter().map(|p| p.iter().copied().collect()).collect() } else { vec![] };
     let mut done = vec![false; b];
     for i in 0..cfg.max_new_tokens {
-        let rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
+        let mut rows: Vec<Vec<f32>> = logits.squeeze(1)?.to_vec2()?;
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             if done[r] {
@@ -183,9 +203,20 @@ pub fn decode_loop(
                 continue;
             }
             out[r].logits_hash = fnv(out[r].logits_hash, &rows[r]);
+            if penalty != 1.0 {
+                let row = &mut rows[r];
+                for &t in &seen[r] {
+                    if let Some(x) = row.get_mut(t as usize) {
+                        *x = if *x < 0.0 { *x * penalty } else { *x / penalty };
+                    }
+                }
+            }
             // Each row's generator is seeded from the config alone, never from its place in the
             // batch, so sampling is as batch invariant as the logits.
             let t = pick(&rows[r], cfg.sampling, &mut rngs[r]);
+            if penalty != 1.0 {
+                seen[r].insert(t);
+            }
             if cfg.stop_ids.contains(&t) {
                 out[r].stop = Some(t);
                 done[r] = true;
@@ -254,8 +285,8 @@ pub fn generate_shared(
     }
     crate::models::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
     let (mut state, logits) = prefill_forked(model, &unique, &row_of, spec, cache)?;
-    let lens = prompts.iter().map(|p| p.len()).collect();
-    continue_generation(model, &mut state, logits, lens, cfg, spec, &mut Captures::default())
+    let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    continue_generation(model, &mut state, logits, &rows, cfg, spec, &mut Captures::default())
 }
 
 /// The prefill half of [`generate_shared`]: prefills every distinct prompt without its last

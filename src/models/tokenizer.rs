@@ -26,6 +26,22 @@ impl ChatMessage {
 /// ChatML, used (with a warning) when a model ships no template.
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// The harness's one template environment (chat templates and protocol templates): what
+/// transformers renders chat templates with (trim_blocks, lstrip_blocks, Python string methods,
+/// `raise_exception`, `strftime_now`).
+pub fn template_env() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+    env
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: String,
@@ -242,15 +258,7 @@ impl Tokenizer {
         add_generation_prompt: bool,
         extra: &[(&str, minijinja::Value)],
     ) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        let mut env = template_env();
         env.add_template("chat", template).context("compiling the chat template")?;
         let mut ctx: std::collections::BTreeMap<&str, minijinja::Value> = extra.iter().cloned().collect();
         ctx.insert("messages", messages);

@@ -235,9 +235,9 @@ pub fn rows_from_observations(
                 let rel = PathBuf::from("images").join(format!("{}-{}.png", o.task, o.seed));
                 std::fs::create_dir_all(dir.join("images"))?;
                 std::fs::write(dir.join(&rel), png).with_context(|| format!("writing {}", dir.join(&rel).display()))?;
-                (pb.user_text(o, &[], true, None), Some(rel))
+                (pb.user_text(o, &[], 1, true, None)?, Some(rel))
             }
-            _ => (pb.user_text(o, &[], false, None), None),
+            _ => (pb.user_text(o, &[], 1, false, None)?, None),
         };
         rows.push(Row { text, image, label: label.clone(), meta });
     }

@@ -191,6 +191,8 @@ impl Head {
             pre_norm: [(layer, norm)].into(),
             mean_resid_norm: [(layer, self.meta.mean_resid_norm)].into(),
             created: crate::steering::vector::now(),
+            read: None,
+            protocol: None,
         };
         Ok(SteeringVector { layers: [(layer, Tensor::from_vec(d, h, &Device::Cpu)?)].into(), meta })
     }

@@ -1,24 +1,30 @@
 //! Contrastive Activation Addition: hidden-state differences between positive and negative
-//! prompts at `blocks.{l}.hook_resid_post`, reduced by mean (CAA) or first principal component.
+//! prompts, read at the output of layer L (`blocks.{L}.hook_resid_post`, where the vector is
+//! added) or at its input (`resid_pre`, a protocol's `caa.read`), reduced by mean (CAA) or first
+//! principal component.
 use super::pairs::PromptPair;
 use super::vector::{now, unit, SteeringVector, VectorMeta};
+use crate::agent::PromptBuilder;
 use crate::models::engine::Engine;
 use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::load::LoadedModel;
 use crate::models::prefix_cache::{self, PrefixCache};
-use crate::models::tokenizer::ChatMessage;
+use crate::protocol::{Protocol, ReadPoint};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Last token of the chat-formatted prompt; mean difference.
     Prompt,
-    /// Generate greedily, then the last token of prompt + response; mean difference.
+    /// Generate greedily, then the last token of prompt + response (in context); mean difference.
     Response,
+    /// Generate greedily, then the response text alone (decoded without special tokens,
+    /// stripped, re-encoded without any template): its last token; mean difference.
+    ResponseText,
     /// Last prompt token; first principal component of the differences.
     Pca,
 }
@@ -32,7 +38,7 @@ fn parse_named<T: serde::de::DeserializeOwned>(s: &str, what: &str, choices: &st
 impl std::str::FromStr for Method {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        parse_named(s, "vector method", "prompt, response or pca")
+        parse_named(s, "vector method", "prompt, response, response-text or pca")
     }
 }
 
@@ -48,8 +54,14 @@ impl Method {
         match self {
             Method::Prompt => "prompt",
             Method::Response => "response",
+            Method::ResponseText => "response-text",
             Method::Pca => "pca",
         }
+    }
+
+    /// Whether the method generates a response first.
+    pub fn needs_response(self) -> bool {
+        matches!(self, Method::Response | Method::ResponseText)
     }
 }
 
@@ -57,23 +69,54 @@ impl Method {
 pub struct CaaOptions {
     pub layers: Vec<usize>,
     pub method: Method,
-    /// Rows per generation batch for `Method::Response` (activations are read pair by pair, each
-    /// pair prefilling its shared prefix once).
+    /// Where the states are read, relative to the layer the vector is added at.
+    pub read: ReadPoint,
+    /// Rows per generation batch for the response methods (activations are read pair by pair,
+    /// each pair prefilling its shared prefix once).
     pub batch_size: usize,
-    /// Response length for `Method::Response`.
+    /// Response length for the response methods.
     pub response_tokens: usize,
+    /// The repetition penalty of the response generation (1 = off).
+    pub repetition_penalty: f32,
+    /// `response-text`: whether re-encoding adds the tokenizer's special tokens.
+    pub add_special_tokens: bool,
+    /// The protocol (`name@hash`) recorded in the vector file.
+    pub protocol: Option<String>,
 }
 
-/// Chat-formats `base + "\n\n" + instruction` as a user turn with the generation prompt.
-pub fn pair_prompts(model: &LoadedModel, bases: &[String], pair: &PromptPair) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+impl CaaOptions {
+    /// The options a protocol fixes, at `layers` with `method`, response settings from the
+    /// protocol.
+    pub fn of_protocol(p: &Protocol, layers: Vec<usize>, method: Method, repetition_penalty: f32) -> CaaOptions {
+        CaaOptions {
+            layers,
+            method,
+            read: p.file.caa.read,
+            batch_size: 4,
+            response_tokens: p.file.caa.response_tokens,
+            repetition_penalty,
+            add_special_tokens: p.file.prompt.add_special_tokens,
+            protocol: Some(p.id()),
+        }
+    }
+}
+
+/// `base + caa.join + instruction` through the protocol's chat mode, for every base text: the
+/// (positive, negative) token ids of `vector --texts`.
+pub fn pair_prompts(
+    model: &LoadedModel,
+    prompts: &PromptBuilder,
+    bases: &[String],
+    pair: &PromptPair,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let (pos, neg) = match (&pair.positive, &pair.negative) {
         (Some(p), Some(n)) => (p, n),
         _ => bail!("pair `{}` is a composite; compute its members and combine them", pair.name),
     };
+    let join = &prompts.protocol.file.caa.join;
     let enc = |base: &str, instr: &str| -> Result<Vec<u32>> {
-        let content = format!("{base}\n\n{instr}");
-        let text = model.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content }], true)?;
-        model.tokenizer.encode(&text, false)
+        let text = prompts.model_text(&model.tokenizer, &format!("{base}{join}{instr}"))?;
+        prompts.encode(&model.tokenizer, &text)
     };
     bases.iter().map(|b| Ok((enc(b, pos)?, enc(b, neg)?))).collect()
 }
@@ -97,11 +140,12 @@ fn last_states<E: Engine>(
     model: &E,
     prompts: &[E::Input],
     layers: &[usize],
+    read: ReadPoint,
     pb: &ProgressBar,
 ) -> Result<BTreeMap<usize, Vec<Tensor>>> {
     let mut spec = HookSpec::none();
     for &l in layers {
-        spec = spec.capture(HookPoint::ResidPost(l));
+        spec = spec.capture(read.hook(l));
     }
     let mut out: BTreeMap<usize, Vec<Tensor>> = layers.iter().map(|&l| (l, Vec::new())).collect();
     // Every training prompt starts with the same header and instructions.
@@ -109,7 +153,7 @@ fn last_states<E: Engine>(
     for chunk in prompts.chunks(2) {
         let states = model.last_states(chunk, &spec, &mut cache)?;
         for &l in layers {
-            let last = states[&HookPoint::ResidPost(l)].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let last = states[&read.hook(l)].to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
             for r in 0..chunk.len() {
                 out.get_mut(&l).unwrap().push(last.get(r)?);
             }
@@ -178,16 +222,33 @@ pub fn compute<E: Engine>(
         bail!("no training prompts");
     }
     let mut prompts: Vec<E::Input> = pairs.iter().flat_map(|(p, n)| [p.clone(), n.clone()]).collect();
-    if opts.method == Method::Response {
+    if opts.method.needs_response() {
         let pb = progress(prompts.len() as u64, "responses");
-        let cfg = model.generate_config(opts.response_tokens);
+        let mut cfg = model.generate_config(opts.response_tokens);
+        cfg.repetition_penalty = opts.repetition_penalty;
         let mut cache = PrefixCache::new(prefix_cache::DEFAULT_MB);
         let mut with_resp = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(opts.batch_size.max(1)) {
             let rows: Vec<&E::Input> = chunk.iter().collect();
             let gens = model.generate(&rows, &cfg, &HookSpec::none(), &mut cache, None)?;
             for (p, g) in chunk.iter().zip(gens) {
-                with_resp.push(E::append(p, &g.generation.tokens));
+                with_resp.push(match opts.method {
+                    Method::ResponseText => {
+                        let n = with_resp.len();
+                        let text = model.tokenizer().decode(&g.generation.tokens, true)?;
+                        let ids = model.tokenizer().encode(text.trim(), opts.add_special_tokens)?;
+                        if ids.is_empty() {
+                            bail!(
+                                "response-text: the response to training prompt {} ({}) is empty once special tokens \
+                                 and whitespace are dropped; there is no token to read",
+                                n / 2,
+                                if n % 2 == 0 { "positive" } else { "negative" }
+                            );
+                        }
+                        E::text_input(ids)
+                    }
+                    _ => E::append(p, &g.generation.tokens),
+                });
             }
             pb.inc(chunk.len() as u64);
         }
@@ -195,7 +256,7 @@ pub fn compute<E: Engine>(
         prompts = with_resp;
     }
     let pb = progress(prompts.len() as u64, "activations");
-    let states = last_states(model, &prompts, &opts.layers, &pb)?;
+    let states = last_states(model, &prompts, &opts.layers, opts.read, &pb)?;
     pb.finish_and_clear();
     let h = model.decoder().cfg.hidden_size;
     let mut layers = BTreeMap::new();
@@ -239,6 +300,8 @@ pub fn compute<E: Engine>(
             pre_norm,
             mean_resid_norm,
             created: now(),
+            read: (opts.read != ReadPoint::ResidPost).then(|| opts.read.name().to_string()),
+            protocol: opts.protocol.clone(),
         },
     })
 }

@@ -29,6 +29,14 @@ pub struct VectorMeta {
     /// layer: the unit for `--coeff-mode relative`.
     pub mean_resid_norm: BTreeMap<usize, f32>,
     pub created: String,
+    /// Where the training states were read when not where the vector is added: `resid_pre`
+    /// (the input of the layer). Absent: `resid_post`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<String>,
+    /// The protocol (`name@hash`) the vector was computed under; absent in files of harnesses
+    /// without protocols (they used today's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +306,8 @@ impl SteeringVector {
                 pre_norm,
                 mean_resid_norm: BTreeMap::new(),
                 created: now(),
+                read: None,
+                protocol: None,
             },
         })
     }

@@ -90,6 +90,8 @@ fn settings(
         out: dir.join(format!("{name}.jsonl")),
         keep_other_configs: false,
         allow_foreign_vector: false,
+        protocol: miniwob_steer::protocol::Protocol::default_protocol(),
+        plan: None,
     })
 }
 

@@ -193,9 +193,19 @@ impl Qwen2Vl {
 
     /// One user turn: the images first, then the text (the VLM agent's prompt shape).
     pub fn user_prompt(&self, images: &[RgbImage], text: &str) -> Result<VlmInput> {
+        self.user_prompt_with(images, text, None)
+    }
+
+    /// [`user_prompt`](Self::user_prompt) after a system turn when `system` is given.
+    pub fn user_prompt_with(&self, images: &[RgbImage], text: &str, system: Option<&str>) -> Result<VlmInput> {
         let mut content: Vec<Value> = images.iter().map(|_| json!({"type": "image"})).collect();
         content.push(json!({"type": "text", "text": text}));
-        let rendered = self.render(&json!([{"role": "user", "content": content}]), true)?;
+        let mut messages = Vec::with_capacity(2);
+        if let Some(sys) = system {
+            messages.push(json!({"role": "system", "content": sys}));
+        }
+        messages.push(json!({"role": "user", "content": content}));
+        let rendered = self.render(&Value::Array(messages), true)?;
         let processed = images.iter().map(|i| processor::process(i, &self.processor)).collect::<Result<Vec<_>>>()?;
         self.encode_expanded(&rendered, processed)
     }
@@ -358,8 +368,9 @@ impl Qwen2Vl {
     /// steered coefficients are per row in `spec`).
     pub fn generate(&self, rows: &[VlmInput], cfg: &GenerateConfig, spec: &HookSpec) -> Result<Vec<Generation>> {
         let mut caps = Captures::default();
-        let Prefilled { logits, mut state, deltas, lens } = self.prefill(rows, spec, &mut caps, false)?;
-        self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut caps)
+        let Prefilled { logits, mut state, deltas, .. } = self.prefill(rows, spec, &mut caps, false)?;
+        let ids: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
+        self.decode_loop(logits, &mut state, &deltas, &ids, cfg, spec, &mut caps)
     }
 
     /// Greedy generation for rows that may come from different episodes: each distinct input
@@ -412,10 +423,11 @@ impl Qwen2Vl {
             full.captures.extend(capture);
             let mut caps = Captures::default();
             let batch: Vec<VlmInput> = rows.iter().map(|r| (*r).clone()).collect();
-            let Prefilled { logits, mut state, deltas, lens } = self.prefill(&batch, &full, &mut caps, false)?;
+            let Prefilled { logits, mut state, deltas, .. } = self.prefill(&batch, &full, &mut caps, false)?;
             let states =
                 (0..rows.len()).map(|r| grab(&caps, r, state.left_pad[r], rows[r])).collect::<Result<Vec<_>>>()?;
-            let gens = self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut Captures::default())?;
+            let ids: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
+            let gens = self.decode_loop(logits, &mut state, &deltas, &ids, cfg, spec, &mut Captures::default())?;
             return Ok((gens, states));
         }
         let prefixes: Vec<VlmInput> = unique
@@ -440,8 +452,8 @@ impl Qwen2Vl {
         let last: Vec<u32> = row_of.iter().map(|&u| *unique[u].ids.last().expect("checked above")).collect();
         let mut caps = Captures::default();
         let logits = self.decode_step(&last, &mut state, &deltas, spec, &mut caps)?;
-        let lens = row_of.iter().map(|&u| unique[u].ids.len()).collect();
-        let gens = self.decode_loop(logits, &mut state, &deltas, lens, cfg, spec, &mut caps)?;
+        let ids: Vec<&[u32]> = row_of.iter().map(|&u| unique[u].ids.as_slice()).collect();
+        let gens = self.decode_loop(logits, &mut state, &deltas, &ids, cfg, spec, &mut caps)?;
         Ok((gens, row_of.iter().map(|&u| unique_states[u].clone()).collect()))
     }
 
@@ -465,11 +477,11 @@ impl Qwen2Vl {
         logits: Tensor,
         state: &mut State,
         deltas: &[i64],
-        lens: Vec<usize>,
+        prompts: &[&[u32]],
         cfg: &GenerateConfig,
         spec: &HookSpec,
         caps: &mut Captures,
     ) -> Result<Vec<Generation>> {
-        generate::decode_loop(logits, lens, cfg, |next| self.decode_step(&next, state, deltas, spec, caps))
+        generate::decode_loop(logits, prompts, cfg, |next| self.decode_step(&next, state, deltas, spec, caps))
     }
 }
