@@ -19,12 +19,13 @@ pub enum KeyCol {
     CoeffMode,
     PromptPair,
     VectorMethod,
+    Protocol,
     Task,
     Vlm,
 }
 
 impl KeyCol {
-    pub const ALL: [KeyCol; 9] = [
+    pub const ALL: [KeyCol; 10] = [
         KeyCol::Experiment,
         KeyCol::Model,
         KeyCol::Layer,
@@ -32,6 +33,7 @@ impl KeyCol {
         KeyCol::CoeffMode,
         KeyCol::PromptPair,
         KeyCol::VectorMethod,
+        KeyCol::Protocol,
         KeyCol::Task,
         KeyCol::Vlm,
     ];
@@ -45,6 +47,7 @@ impl KeyCol {
             KeyCol::CoeffMode => "coeff_mode",
             KeyCol::PromptPair => "prompt_pair",
             KeyCol::VectorMethod => "vector_method",
+            KeyCol::Protocol => "protocol",
             KeyCol::Task => "task",
             KeyCol::Vlm => "vlm",
         }
@@ -63,6 +66,17 @@ impl KeyCol {
                 KeyCol::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
             ),
         }
+    }
+
+    /// `keys`, with [`KeyCol::Protocol`] added when the rows hold more than one protocol: results
+    /// of two protocols are never pooled.
+    pub fn with_protocol(keys: &[KeyCol], r: &Rows) -> Vec<KeyCol> {
+        let mut k = keys.to_vec();
+        // Code 0 of a dictionary is null: more than one protocol means more than two entries.
+        if r.protocols.len() > 2 && !k.contains(&KeyCol::Protocol) {
+            k.push(KeyCol::Protocol);
+        }
+        k
     }
 
     /// Parses a comma-separated list, without repeats.
@@ -86,6 +100,7 @@ impl KeyCol {
             KeyCol::CoeffMode => r.coeff_mode[i],
             KeyCol::PromptPair => r.prompt_pair[i],
             KeyCol::VectorMethod => r.vector_method[i],
+            KeyCol::Protocol => r.protocol[i],
             KeyCol::Task => r.task[i],
             KeyCol::Vlm => u32::from(r.flags[i] & F_VLM != 0),
         }
@@ -102,6 +117,7 @@ impl KeyCol {
             KeyCol::CoeffMode => s(&r.coeff_modes),
             KeyCol::PromptPair => s(&r.prompt_pairs),
             KeyCol::VectorMethod => s(&r.vector_methods),
+            KeyCol::Protocol => s(&r.protocols),
             KeyCol::Task => s(&r.tasks),
             KeyCol::Vlm => (code == 1).to_string(),
         }

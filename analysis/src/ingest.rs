@@ -98,6 +98,8 @@ pub struct Rows {
     pub prompt_pair: Vec<u32>,
     pub vector_method: Vec<u32>,
     pub vector_hash: Vec<u32>,
+    /// The protocol (`default`, or `name@hash` of another; docs/protocols.md).
+    pub protocol: Vec<u32>,
     pub task: Vec<u32>,
     pub seed: Vec<i64>,
     pub flags: Vec<u8>,
@@ -114,6 +116,7 @@ pub struct Rows {
     pub prompt_pairs: Dict,
     pub vector_methods: Dict,
     pub vector_hashes: Dict,
+    pub protocols: Dict,
     pub tasks: Dict,
     pub files: Vec<PathBuf>,
 }
@@ -170,6 +173,8 @@ impl Rows {
         extend(&mut self.vector_method, &o.vector_method, &m);
         let m = remap(&mut self.vector_hashes, &o.vector_hashes);
         extend(&mut self.vector_hash, &o.vector_hash, &m);
+        let m = remap(&mut self.protocols, &o.protocols);
+        extend(&mut self.protocol, &o.protocol, &m);
         let m = remap(&mut self.tasks, &o.tasks);
         extend(&mut self.task, &o.task, &m);
         self.seed.extend_from_slice(&o.seed);
@@ -190,6 +195,7 @@ impl Rows {
         self.prompt_pair.push(self.prompt_pairs.code(r.prompt_pair));
         self.vector_method.push(self.vector_methods.code(r.vector_method));
         self.vector_hash.push(self.vector_hashes.code(r.vector_hash));
+        self.protocol.push(self.protocols.code(Some(protocol_name(r.protocol))));
         self.task.push(self.tasks.code(Some(r.task)));
         self.seed.push(r.seed);
         let mut f = 0;
@@ -224,6 +230,8 @@ pub struct Episode<'a> {
     pub prompt_pair: Option<&'a str>,
     pub vector_method: Option<&'a str>,
     pub vector_hash: Option<&'a str>,
+    /// As the line gives it (absent in lines of harnesses without protocols).
+    pub protocol: Option<&'a str>,
     pub task: &'a str,
     pub seed: i64,
     pub steered: bool,
@@ -339,6 +347,8 @@ struct RawLine<'a> {
     prompt_pair: Field<Str<'a>>,
     #[serde(default, borrow)]
     vector_method: Field<Str<'a>>,
+    #[serde(default, borrow)]
+    protocol: Option<Str<'a>>,
     #[serde(borrow)]
     task: Str<'a>,
     seed: i64,
@@ -399,6 +409,7 @@ pub fn parse_line(line: &[u8], f: impl FnOnce(&Episode<'_>)) -> Result<(), (Prob
         prompt_pair: field("prompt_pair", &raw.prompt_pair)?,
         vector_method: field("vector_method", &raw.vector_method)?,
         vector_hash: field("vector_hash", &raw.vector_hash)?,
+        protocol: raw.protocol.as_ref().map(|s| &*s.0),
         task: &raw.task.0,
         seed: raw.seed,
         steered,
@@ -589,6 +600,17 @@ pub fn read_jsonl(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
 }
 
 /// Pushes an already validated episode (used by the parquet reader).
+/// The protocol a line ran under, as analysis groups it: `default` for the built-in default
+/// (whatever its hash in a given harness version) and for lines without one (harnesses without
+/// protocols ran it); `name@hash` otherwise.
+pub fn protocol_name(p: Option<&str>) -> &str {
+    match p {
+        None => "default",
+        Some(id) if miniwob_steer_schema::line::is_default_protocol(id) => "default",
+        Some(id) => id,
+    }
+}
+
 pub fn push_episode(ing: &mut Ingested, ep: &Episode<'_>, fid: u32, line: u32) {
     ing.rows.push(ep, fid, line);
 }

@@ -203,15 +203,21 @@ pub fn analyze(opts: &AnalyzeOpts) -> Result<Summary> {
     report_pairing(&p, r);
     ph.mark("pair");
     let units = aggregate::unit_frame(r, &p)?;
-    let by = &opts.by;
+    // Results of two protocols are never pooled: the protocol joins every grouping then.
+    let by = &KeyCol::with_protocol(&opts.by, r);
+    if by.len() > opts.by.len() {
+        eprintln!("note: the results hold {} protocols; grouping by protocol too", r.protocols.len() - 1);
+    }
     let groups = aggregate::aggregate(&units, r, by, opts.stats)?;
     let mut task_by = by.clone();
     if !task_by.contains(&KeyCol::Task) {
         task_by.push(KeyCol::Task);
     }
     let task_groups = aggregate::aggregate(&units, r, &task_by, opts.stats)?;
-    let fine_by =
-        [KeyCol::Experiment, KeyCol::Model, KeyCol::Layer, KeyCol::Coeff, KeyCol::PromptPair, KeyCol::VectorMethod];
+    let fine_by = KeyCol::with_protocol(
+        &[KeyCol::Experiment, KeyCol::Model, KeyCol::Layer, KeyCol::Coeff, KeyCol::PromptPair, KeyCol::VectorMethod],
+        r,
+    );
     let fine = aggregate::aggregate(&units, r, &fine_by, opts.stats)?;
     ph.mark("group+stats");
 
@@ -331,6 +337,9 @@ fn series_by(r: &ingest::Rows, groups: &[GroupStats], x: KeyCol) -> Vec<(String,
     for g in groups.iter().filter(|g| !g.baseline_only) {
         let Some(xv) = x.numeric(r, g.key[1]) else { continue };
         let mut name = KeyCol::Model.display(r, g.key[0]);
+        if let Some(&pc) = g.key.get(2) {
+            name.push_str(&format!(" [{}]", KeyCol::Protocol.display(r, pc)));
+        }
         if g.variant != 0 {
             name.push_str(&format!(" ⚠{}", r.vector_hashes.name(g.variant).unwrap_or("null")));
         }
@@ -360,7 +369,7 @@ fn make_plots(
         ),
         (KeyCol::Coeff, "delta_vs_coeff.png", "Δ success against coefficient (pooled over layers, prompt pairs)"),
     ] {
-        let groups = aggregate::aggregate(units, r, &[KeyCol::Model, x], opts.stats)?;
+        let groups = aggregate::aggregate(units, r, &KeyCol::with_protocol(&[KeyCol::Model, x], r), opts.stats)?;
         let series = series_by(r, &groups, x);
         if series.iter().all(|(_, p)| p.is_empty()) {
             eprintln!("note: {file} not drawn: no paired steered episodes");
@@ -370,13 +379,16 @@ fn make_plots(
         plots::delta_plot(&o(file), title, xl, &series)?;
         summary.written.push(o(file));
     }
-    let groups = aggregate::aggregate(units, r, &[KeyCol::Task], opts.stats)?;
+    let groups = aggregate::aggregate(units, r, &KeyCol::with_protocol(&[KeyCol::Task], r), opts.stats)?;
     let mut tasks: BTreeMap<String, (f64, Option<f64>)> = BTreeMap::new();
     for g in &groups {
         if g.variant != 0 {
             continue;
         }
-        let name = KeyCol::Task.display(r, g.key[0]);
+        let mut name = KeyCol::Task.display(r, g.key[0]);
+        if let Some(&pc) = g.key.get(1) {
+            name.push_str(&format!(" [{}]", KeyCol::Protocol.display(r, pc)));
+        }
         let e = tasks.entry(name).or_insert((g.base_rate(), None));
         if !g.baseline_only {
             *e = (g.base_rate(), g.steered_rate());

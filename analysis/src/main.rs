@@ -25,7 +25,8 @@ struct Cli {
     #[arg(long, default_value = "analysis-out")]
     out: PathBuf,
     /// Group columns: experiment, model, layer, coeff, coeff_mode, prompt_pair (alias prompt_type),
-    /// vector_method, task, vlm.
+    /// vector_method, protocol, task, vlm. Results of two protocols are never pooled: protocol
+    /// joins the columns when the inputs hold more than one.
     #[arg(long, default_value = "model,layer,coeff,prompt_pair")]
     by: String,
     /// Table files to write: md, csv or all.

@@ -1,6 +1,7 @@
 //! Pairs steered episodes with their baseline episodes and finds duplicates and incompatible runs.
 //!
-//! Pair key: (experiment, model, layer, prompt_pair, vector_method, task, seed). In a paired run the
+//! Pair key: (experiment, model, layer, prompt_pair, vector_method, protocol, task, seed): episodes
+//! of two protocols never pair. In a paired run the
 //! baseline row carries the same layer and prompt pair as its steered rows, and one baseline row is
 //! shared by every coefficient of that run: each steered row pairs with it. Baseline rows are
 //! vector-independent (α = 0), so a steered row takes the baseline with its own `vector_hash` when
@@ -69,23 +70,24 @@ impl Pairing {
     }
 }
 
-type Config = (u32, u32, u32, u32, u32, u32);
+type Config = (u32, u32, u32, u32, u32, u32, u32);
 
 fn config(r: &Rows, i: usize) -> Config {
-    (r.experiment[i], r.model[i], r.layer[i], r.coeff[i], r.prompt_pair[i], r.vector_method[i])
+    (r.experiment[i], r.model[i], r.layer[i], r.coeff[i], r.prompt_pair[i], r.vector_method[i], r.protocol[i])
 }
 
 /// Readable full key of row i.
 pub fn full_key(r: &Rows, i: usize) -> String {
     let s = |d: &crate::ingest::Dict, c: u32| d.name(c).unwrap_or("null").to_string();
     format!(
-        "experiment={} model={} layer={} coeff={} prompt_pair={} vector_method={} task={} seed={} condition={}",
+        "experiment={} model={} layer={} coeff={} prompt_pair={} vector_method={} protocol={} task={} seed={} condition={}",
         s(&r.experiments, r.experiment[i]),
         s(&r.models, r.model[i]),
         r.layer_value(r.layer[i]).map_or("null".into(), |l| l.to_string()),
         r.coeff_value(r.coeff[i]),
         s(&r.prompt_pairs, r.prompt_pair[i]),
         s(&r.vector_methods, r.vector_method[i]),
+        s(&r.protocols, r.protocol[i]),
         s(&r.tasks, r.task[i]),
         r.seed[i],
         if r.steered(i) { "steered" } else { "baseline" },
@@ -98,7 +100,16 @@ const MAX_EXAMPLES: usize = 20;
 pub fn pair(r: &Rows) -> Pairing {
     let n = r.len();
     let pk = |i: usize| {
-        (r.experiment[i], r.model[i], r.layer[i], r.prompt_pair[i], r.vector_method[i], r.task[i], r.seed[i])
+        (
+            r.experiment[i],
+            r.model[i],
+            r.layer[i],
+            r.prompt_pair[i],
+            r.vector_method[i],
+            r.protocol[i],
+            r.task[i],
+            r.seed[i],
+        )
     };
     let idx = sorted_index(r);
 
@@ -175,11 +186,13 @@ pub fn sorted_index(r: &Rows) -> Vec<u32> {
         width(r.layers.values.len()),
         width(r.prompt_pairs.len()),
         width(r.vector_methods.len()),
+        width(r.protocols.len()),
         width(r.tasks.len()),
     ];
     let (wc, wv) = (width(r.coeffs.values.len()), width(r.vector_hashes.len()));
     if w.iter().sum::<u32>() <= 64 && wc <= 31 && wv <= 31 {
-        let cols: [&[u32]; 6] = [&r.experiment, &r.model, &r.layer, &r.prompt_pair, &r.vector_method, &r.task];
+        let cols: [&[u32]; 7] =
+            [&r.experiment, &r.model, &r.layer, &r.prompt_pair, &r.vector_method, &r.protocol, &r.task];
         let mut keys: Vec<(u64, i64, u64, u32)> = (0..n)
             .map(|i| {
                 let mut k1 = 0u64;
@@ -194,7 +207,16 @@ pub fn sorted_index(r: &Rows) -> Vec<u32> {
         return keys.into_iter().map(|k| k.3).collect();
     }
     let pk = |i: usize| {
-        (r.experiment[i], r.model[i], r.layer[i], r.prompt_pair[i], r.vector_method[i], r.task[i], r.seed[i])
+        (
+            r.experiment[i],
+            r.model[i],
+            r.layer[i],
+            r.prompt_pair[i],
+            r.vector_method[i],
+            r.protocol[i],
+            r.task[i],
+            r.seed[i],
+        )
     };
     let mut idx: Vec<u32> = (0..n as u32).collect();
     idx.sort_unstable_by(|&a, &b| {
@@ -308,6 +330,28 @@ mod tests {
             )
         });
         assert_eq!(packed, idx);
+    }
+
+    /// Issue 17: episodes of two protocols never pair; lines without a protocol and the default's
+    /// (whatever its hash) are one protocol.
+    #[test]
+    fn protocols_never_pair_across() {
+        let with = |line: String, p: &str| line.replacen("\"task\"", &format!("\"protocol\":\"{p}\",\"task\""), 1);
+        let r = rows(&[
+            l(3, 0.0, "a", 1, "x"),
+            with(l(3, 2.0, "a", 1, "x"), "default@0123456789abcdef"),
+            with(l(3, 0.0, "a", 1, "x"), "legacy@aaaaaaaaaaaaaaaa"),
+            with(l(3, 2.0, "a", 1, "x"), "legacy@aaaaaaaaaaaaaaaa"),
+            with(l(3, 2.0, "a", 2, "x"), "other@bbbbbbbbbbbbbbbb"),
+        ]);
+        assert_eq!(r.protocols.len(), 4, "null + default + legacy + other");
+        let p = pair(&r);
+        assert_eq!(p.duplicates, 0);
+        let pairs: Vec<(u32, u32)> =
+            (0..p.len()).filter(|&u| p.steered_row[u] != NONE).map(|u| (p.steered_row[u], p.baseline_row[u])).collect();
+        assert!(pairs.contains(&(1, 0)) && pairs.contains(&(3, 2)), "{pairs:?}");
+        assert_eq!(p.unpaired_steered, vec![4], "the third protocol has no baseline of its own");
+        assert_eq!(crate::aggregate::KeyCol::with_protocol(&[], &r), vec![crate::aggregate::KeyCol::Protocol]);
     }
 
     #[test]

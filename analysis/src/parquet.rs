@@ -25,6 +25,7 @@ pub fn write_parquet(r: &Rows, out: &Path) -> Result<u64> {
         Column::new("vector_hash".into(), s(&r.vector_hashes, &r.vector_hash)),
         Column::new("prompt_pair".into(), s(&r.prompt_pairs, &r.prompt_pair)),
         Column::new("vector_method".into(), s(&r.vector_methods, &r.vector_method)),
+        Column::new("protocol".into(), s(&r.protocols, &r.protocol)),
         Column::new("task".into(), s(&r.tasks, &r.task)),
         Column::new("seed".into(), r.seed.clone()),
         Column::new(
@@ -74,6 +75,12 @@ pub fn read_parquet(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         get("tokens_out", DataType::Int64)?,
     );
     let coeff = get("coeff", DataType::Float64)?;
+    // Parquet caches written before protocols have no column: every row ran the default.
+    let protocol = match df.column("protocol") {
+        Ok(_) => Some(strs("protocol")?),
+        Err(_) => None,
+    };
+    let protocol = protocol.as_ref().map(|p| p.str()).transpose()?;
     let (vlm, pf, success) =
         (get("vlm", DataType::Boolean)?, get("parse_failure", DataType::Boolean)?, get("success", DataType::Boolean)?);
     let (experiment, model, coeff_mode, vector_hash, prompt_pair, vector_method, task, condition) = (
@@ -96,6 +103,7 @@ pub fn read_parquet(path: &Path, fid: u32, ing: &mut Ingested) -> Result<()> {
         vector_hash,
         prompt_pair,
         vector_method,
+        protocol,
         task,
         condition,
         layer,
@@ -127,6 +135,7 @@ struct Cols<'a> {
     vector_hash: &'a StringChunked,
     prompt_pair: &'a StringChunked,
     vector_method: &'a StringChunked,
+    protocol: Option<&'a StringChunked>,
     task: &'a StringChunked,
     condition: &'a StringChunked,
     layer: &'a Int64Chunked,
@@ -159,6 +168,7 @@ impl<'a> Cols<'a> {
             prompt_pair: self.prompt_pair.get(i),
             vector_method: self.vector_method.get(i),
             vector_hash: self.vector_hash.get(i),
+            protocol: self.protocol.and_then(|p| p.get(i)),
             task: req(self.task.get(i), "task")?,
             seed: req(self.seed.get(i), "seed")?,
             steered,
