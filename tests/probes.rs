@@ -482,3 +482,110 @@ fn probe_data_from_real_chromium() {
         [(3, "true"), (4, "false")]
     );
 }
+
+/// A head that gives class `on` probability ≈ 1 (`on = true`) or ≈ 0 whatever the input: the
+/// gate's two extremes, whose runs must equal the ungated steered run and the baseline.
+fn constant_head(path: &Path, hidden: usize, layer: usize, on: bool) {
+    let mut m = meta(hidden, 2);
+    m.classes = vec!["on".into(), "off".into()];
+    m.hook_point = format!("blocks.{layer}.hook_resid_post");
+    m.model = "smollm2-135m".into();
+    let b = if on { vec![10.0, -10.0] } else { vec![-10.0, 10.0] };
+    let head = Head {
+        meta: m,
+        mean: vec![0.0; hidden],
+        std: vec![1.0; hidden],
+        params: vec![vec![0.0; 2 * hidden], b],
+        split: miniwob_steer::probe::head::Split { train: vec![0], val: vec![], test: vec![] },
+    };
+    head.save(path).unwrap();
+}
+
+/// Issue 21.6: `run --gate` on real Chromium with smollm2: a gate that is always on gives the
+/// ungated steered outputs, one that is always off gives the baseline's (α = 0 is bit-identical
+/// to no steering), and every steered line records each step's probability and decision.
+#[test]
+fn gated_steering_end_to_end_on_smollm2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (on, off) = (dir.path().join("on.safetensors"), dir.path().join("off.safetensors"));
+    constant_head(&on, 576, 15, true);
+    constant_head(&off, 576, 15, false);
+    let base = [
+        "run",
+        "--model",
+        "smollm2-135m",
+        "--dtype",
+        "f32",
+        "--tasks",
+        "click-test,click-button",
+        "--eval-steps",
+        "2",
+        "--train-steps",
+        "2",
+        "--coeff-mode",
+        "relative",
+        "--coeff",
+        "1.5",
+        "--layer",
+        "15",
+        "--max-new-tokens",
+        "10",
+        "--no-progress",
+    ];
+    let go = |name: &str, extra: &[&str]| -> (Vec<Value>, String) {
+        let out = dir.path().join(format!("{name}.jsonl"));
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        let log = run(&args);
+        let lines = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        (lines, log)
+    };
+    let outputs = |ls: &[Value], cond: &str| -> Vec<(String, u64, String)> {
+        let mut v: Vec<_> = ls
+            .iter()
+            .filter(|l| l["condition"] == cond)
+            .map(|l| {
+                (
+                    l["task"].as_str().unwrap().to_string(),
+                    l["seed"].as_u64().unwrap(),
+                    l["output"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (plain, _) = go("plain", &[]);
+    assert!(plain.iter().all(|l| l.get("gate").is_none()));
+    assert_ne!(
+        outputs(&plain, "steered"),
+        outputs(&plain, "baseline"),
+        "α = 1.5 × the residual norm should change some output"
+    );
+    let (gated_on, log) = go("on", &["--gate", on.to_str().unwrap(), "--gate-class", "on", "--gate-threshold", "0.5"]);
+    assert_eq!(outputs(&gated_on, "steered"), outputs(&plain, "steered"), "an always-on gate is the ungated run");
+    assert!(log.contains("gate on 4/4 steered steps"), "{log}");
+    let (gated_off, log) = go("off", &["--gate", off.to_str().unwrap(), "--gate-class", "on"]);
+    assert_eq!(outputs(&gated_off, "steered"), outputs(&plain, "baseline"), "an always-off gate is the baseline");
+    assert!(log.contains("gate on 0/4 steered steps"), "{log}");
+    for (ls, want) in [(&gated_on, true), (&gated_off, false)] {
+        for l in ls.iter() {
+            if l["condition"] == "steered" {
+                let g = l["gate"].as_array().unwrap();
+                assert_eq!(g.len(), l["steps"].as_u64().unwrap() as usize);
+                assert!(g.iter().all(|d| d["on"] == want && (d["probability"].as_f64().unwrap() > 0.5) == want), "{l}");
+            } else {
+                assert!(l.get("gate").is_none(), "baseline lines have no gate decisions");
+            }
+        }
+    }
+    // The gate is part of the configuration: the same --out under another gate is refused.
+    let out = dir.path().join("on.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(base)
+        .args(["--out", out.to_str().unwrap(), "--gate", off.to_str().unwrap(), "--gate-class", "on"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("gate"));
+}

@@ -89,7 +89,7 @@ fn screenshot_prompt_has_image_tokens_and_steering_hooks_the_llm() {
         let mut sess = pool.acquire().await.unwrap();
         let arms =
             [Arm { condition: Condition::Baseline, coeff: 0.0 }, Arm { condition: Condition::Steered, coeff: 8.0 }];
-        let steering = Steering { vector: v, layer, mode: CoeffMode::Absolute };
+        let steering = Steering { vector: v, layer, mode: CoeffMode::Absolute, gate: None };
         let cfg = GeneratorConfig {
             max_new_tokens: 6,
             repetition_penalty: 1.0,

@@ -93,6 +93,14 @@ pub struct EpisodeLine {
     /// element acted on (docs/lens.md); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lens: Option<Vec<serde_json::Value>>,
+    /// `run --gate`: per step of a steered episode, `{probability, on}`: the gate probe's
+    /// probability of its class on the step's unsteered prompt and whether the row was steered;
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<Vec<serde_json::Value>>,
+    /// `run --gate`: the gate of the run (`<head file hash>:<class>@<threshold>`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_config: Option<String>,
 }
 
 /// A coefficient as JSON writes it (`3.0`, `0.0`, `-1.5`).
@@ -118,6 +126,9 @@ pub struct RunConfig {
     /// runs keep the keys of harnesses without protocols and resume their files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// `run --gate`: `<head file hash>:<class>@<threshold>`; `None` without a gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
 }
 
 impl RunConfig {
@@ -133,6 +144,7 @@ impl RunConfig {
             max_steps: l.max_steps,
             max_new_tokens: l.max_new_tokens,
             protocol: l.protocol.clone().filter(|p| !is_default_protocol(p)),
+            gate: l.gate_config.clone(),
         }
     }
 

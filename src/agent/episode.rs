@@ -49,6 +49,8 @@ pub struct EpisodeOutcome {
     pub tokens_out: usize,
     /// `run --vlm --lens`: one read-out per step (empty otherwise).
     pub lens: Vec<serde_json::Value>,
+    /// `run --gate`: the gate's decision at every step of a steered arm (empty otherwise).
+    pub gate: Vec<crate::probe::gate::GateDecision>,
 }
 
 /// Everything an episode needs besides the session.
@@ -132,6 +134,7 @@ impl<E: AgentModel> Agent<'_, E> {
                 tokens_in: 0,
                 tokens_out: 0,
                 lens: Vec::new(),
+                gate: Vec::new(),
             };
             let mut gen: RowOutput = gen;
             loop {
@@ -142,6 +145,7 @@ impl<E: AgentModel> Agent<'_, E> {
                     ep.output.push_str("\n---\n");
                 }
                 ep.output.push_str(&gen.text);
+                ep.gate.extend(gen.gate);
                 let parsed = parse_with(&gen.text, protocol.parse_options());
                 let seen = later.as_ref().unwrap_or(&seen0);
                 if let Some(probe) = self.lens {

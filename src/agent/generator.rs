@@ -6,6 +6,7 @@ use crate::models::engine::Engine;
 use crate::models::generate::GenerateConfig;
 use crate::models::hooks::{HookPoint, HookSpec, Positions};
 use crate::models::prefix_cache::{CacheStats, PrefixCache};
+use crate::probe::gate::{Gate, GateDecision};
 use crate::steering::caa::{steering_spec, CoeffMode};
 use crate::steering::vector::SteeringVector;
 use anyhow::{anyhow, Result};
@@ -28,6 +29,9 @@ pub struct RowOutput {
     pub tokens_out: usize,
     /// With [`GeneratorConfig::capture`]: the prompt's image states there (see [`Engine::generate`]).
     pub image_states: Option<candle_core::Tensor>,
+    /// A gated steered row: the gate's reading of this prompt (the row ran with α when `on`,
+    /// unsteered otherwise). `None` for baseline rows and runs without a gate.
+    pub gate: Option<GateDecision>,
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Vec<RowOutput>, String>>;
@@ -43,6 +47,9 @@ pub struct Steering {
     pub vector: SteeringVector,
     pub layer: usize,
     pub mode: CoeffMode,
+    /// Conditional steering (`run --gate`): a steered row keeps its α on a step only when the
+    /// probe, read on that step's unsteered prompt, says so.
+    pub gate: Option<Arc<Gate>>,
 }
 
 /// Settings of the generation thread.
@@ -187,7 +194,16 @@ fn run_batch<E: Engine>(
     cache: &mut PrefixCache,
 ) -> Result<Vec<RowOutput>> {
     let rows: Vec<&Row<E::Input>> = batch.iter().flat_map(|r| r.rows.iter()).collect();
-    let coeffs: Vec<f32> = rows.iter().map(|r| r.coeff).collect();
+    let mut coeffs: Vec<f32> = rows.iter().map(|r| r.coeff).collect();
+    let decisions = match steering.and_then(|s| s.gate.as_ref()) {
+        Some(gate) => gate_rows(model, gate, &rows)?,
+        None => vec![None; rows.len()],
+    };
+    for (c, d) in coeffs.iter_mut().zip(&decisions) {
+        if d.is_some_and(|d| !d.on) {
+            *c = 0.0;
+        }
+    }
     let spec = match steering {
         Some(s) if coeffs.iter().any(|&c| c != 0.0) => {
             steering_spec(&s.vector, s.layer, &coeffs, s.mode, Positions::Last)?
@@ -203,13 +219,40 @@ fn run_batch<E: Engine>(
     let gens = model.generate(&inputs, gen_cfg, &spec, cache, capture)?;
     gens.into_iter()
         .zip(&inputs)
-        .map(|(g, input)| {
+        .zip(decisions)
+        .map(|((g, input), gate)| {
             Ok(RowOutput {
                 text: model.tokenizer().decode(&g.generation.tokens, true)?,
                 tokens_in: E::ids(input).len(),
                 tokens_out: g.generation.tokens.len() + usize::from(g.generation.stop.is_some()),
                 image_states: g.image_states,
+                gate,
             })
         })
         .collect()
+}
+
+/// The gate's decision for every steered row (rows with the same input read once); `None` for
+/// baseline rows.
+fn gate_rows<E: Engine>(model: &E, gate: &Gate, rows: &[&Row<E::Input>]) -> Result<Vec<Option<GateDecision>>> {
+    let mut unique: Vec<&E::Input> = Vec::new();
+    let mut of_row: Vec<Option<usize>> = Vec::with_capacity(rows.len());
+    for r in rows {
+        if r.coeff == 0.0 {
+            of_row.push(None);
+            continue;
+        }
+        let u = unique.iter().position(|u| *u == &r.input).unwrap_or_else(|| {
+            unique.push(&r.input);
+            unique.len() - 1
+        });
+        of_row.push(Some(u));
+    }
+    if unique.is_empty() {
+        return Ok(vec![None; rows.len()]);
+    }
+    let states = model.prompt_states(&unique, gate.capture_point())?;
+    let decided: Vec<GateDecision> =
+        states.iter().zip(&unique).map(|(s, u)| gate.decide_states(s, &model.image_mask(u))).collect::<Result<_>>()?;
+    Ok(of_row.into_iter().map(|u| u.map(|u| decided[u])).collect())
 }

@@ -4,7 +4,7 @@ use miniwob_steer::device::parse_device;
 use miniwob_steer::experiment::config::{ExperimentFile, LayerSpec};
 use miniwob_steer::experiment::plan::{SeedPlan, Shard};
 use miniwob_steer::experiment::run::run_settings;
-use miniwob_steer::experiment::settings::{parse_tasks, Settings};
+use miniwob_steer::experiment::settings::{parse_tasks, GateSettings, Settings};
 use miniwob_steer::experiment::summary::{print_summary, print_table};
 use miniwob_steer::models::dtype::DTypeChoice;
 use miniwob_steer::models::registry;
@@ -87,6 +87,17 @@ pub struct RunArgs {
     /// Use this vector file instead of computing one.
     #[arg(long)]
     pub vector: Option<PathBuf>,
+    /// Gated steering (conditional activation steering): a probe head (`probe train`); a steered
+    /// row is steered on a step only when the head, read on that step's unsteered prompt, gives
+    /// --gate-class a probability ≥ --gate-threshold. Each step's decision is in the result line.
+    #[arg(long, requires = "gate_class")]
+    pub gate: Option<PathBuf>,
+    /// The head's class that turns steering on.
+    #[arg(long, requires = "gate")]
+    pub gate_class: Option<String>,
+    /// Probability of --gate-class at or above which a row is steered.
+    #[arg(long, default_value_t = 0.5)]
+    pub gate_threshold: f32,
     /// Browser sessions (concurrent episodes feeding one model).
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -216,6 +227,11 @@ fn settings(a: &RunArgs) -> Result<Settings> {
             allow_foreign_vector: a.allow_foreign_vector,
             protocol,
             plan,
+            gate: match (&a.gate, &a.gate_class) {
+                (Some(p), Some(c)) if !a.base_only => Some(GateSettings::load(p, c, a.gate_threshold)?),
+                (Some(_), _) if a.base_only => bail!("--gate with --base-only: there is no steering to gate"),
+                _ => None,
+            },
         })
     }
 }

@@ -167,7 +167,7 @@ fn compute(a: ComputeArgs) -> Result<()> {
     let builder = PromptBuilder::new(protocol.clone())?;
     let m = a.model.load()?;
     let layers = crate::cli::models::parse_layers(&a.layer, m.decoder.cfg.num_layers)?;
-    let penalty = protocol.repetition_penalty(Path::new(&m.info.checkpoint))?;
+    let penalty = protocol.repetition_penalty(&m.info)?;
     let mut opts = CaaOptions::of_protocol(&protocol, layers, a.method.unwrap_or(protocol.file.caa.method), penalty);
     opts.batch_size = a.batch_size;
     if let Some(n) = a.response_tokens {

@@ -63,6 +63,9 @@ pub fn execute<E: AgentModel>(
     let layer =
         if s.base_only && s.vector.is_none() { None } else { Some(registry::parse_layer(&s.layer, info.num_layers)?) };
     vectors::check_given_vector(&given, &info, layer, s.allow_foreign_vector, &s.protocol)?;
+    if let Some(g) = &s.gate {
+        g.gate.check_model(&info)?;
+    }
     let arms = arms(s);
     let items = plan::shard(&s.eval_items()?, s.shard);
     let pairs_hash = vectors::pairs_hash(s)?;
@@ -200,7 +203,8 @@ async fn evaluate<E: AgentModel>(
         (false, Some(l)) => {
             let (v, path, hash) = vectors::resolve(&pool, &*model, s, l, given, run.vector_cache).await?;
             vectors::check_vector_hash(&run.results.lock().unwrap_or_else(|p| p.into_inner()), Some(&hash), &path)?;
-            Some((Steering { vector: v, layer: l, mode: s.coeff_mode }, hash))
+            let gate = s.gate.as_ref().map(|g| g.gate.clone());
+            Some((Steering { vector: v, layer: l, mode: s.coeff_mode, gate }, hash))
         }
         _ => None,
     };
@@ -212,7 +216,7 @@ async fn evaluate<E: AgentModel>(
         steering.map(|(st, _)| st),
         GeneratorConfig {
             max_new_tokens: s.max_new_tokens,
-            repetition_penalty: s.protocol.repetition_penalty(Path::new(&model.info().checkpoint))?,
+            repetition_penalty: s.protocol.repetition_penalty(model.info())?,
             max_batch_rows: (s.concurrency * (1 + s.coeffs.len())).max(2),
             linger: Duration::from_millis(250),
             prefix_cache_mb: s.prefix_cache_mb,

@@ -79,6 +79,7 @@ impl RunMeta {
             max_steps: Some(s.max_steps),
             max_new_tokens: Some(s.max_new_tokens),
             protocol: (!s.protocol.is_default()).then(|| s.protocol.id()),
+            gate: if s.base_only { None } else { s.gate.as_ref().map(|g| g.id.clone()) },
         };
         RunMeta {
             experiment: s.experiment.clone(),
@@ -145,6 +146,10 @@ impl RunMeta {
             harness_version: self.harness.clone(),
             key: self.key(task, seed, ep.condition.name(), ep.coeff),
             lens: None,
+            gate: self.config.gate.as_ref().filter(|_| !ep.gate.is_empty()).map(|_| {
+                ep.gate.iter().map(|d| serde_json::json!({"probability": d.probability, "on": d.on})).collect()
+            }),
+            gate_config: self.config.gate.clone(),
         }
     }
 }

@@ -248,6 +248,7 @@ mod tests {
             max_steps: Some(1),
             max_new_tokens: Some(12),
             protocol: None,
+            gate: None,
         }
     }
 
@@ -289,6 +290,8 @@ mod tests {
             harness_version: "x".into(),
             key,
             lens: None,
+            gate: None,
+            gate_config: c.gate.clone(),
         }
     }
 

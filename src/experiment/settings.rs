@@ -42,6 +42,26 @@ pub struct Settings {
     pub protocol: Arc<Protocol>,
     /// `--plan FILE`: the (task, seed) lists that replace the built-in seed ranges.
     pub plan: Option<Arc<SeedPlan>>,
+    /// `--gate FILE --gate-class C --gate-threshold P`: conditional steering.
+    pub gate: Option<GateSettings>,
+}
+
+/// A loaded gate and its identity in the run configuration.
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub gate: Arc<crate::probe::gate::Gate>,
+    /// `<head file hash>:<class>@<threshold>`.
+    pub id: String,
+}
+
+impl GateSettings {
+    /// Loads `--gate` (naming the file on a bad head or class).
+    pub fn load(path: &std::path::Path, class: &str, threshold: f32) -> Result<GateSettings> {
+        let gate = crate::probe::gate::Gate::load(path, class, threshold)?;
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("reading --gate {}: {e}", path.display()))?;
+        let hash = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)[..8]);
+        Ok(GateSettings { gate: Arc::new(gate), id: format!("{hash}:{class}@{threshold}") })
+    }
 }
 
 impl Settings {

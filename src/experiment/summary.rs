@@ -79,6 +79,9 @@ pub struct Summary {
     pub rows_per_batch: f64,
     /// What the prefix cache served over this invocation's episodes.
     pub prefix_cache: CacheStats,
+    /// `run --gate`: steered model turns read by the gate, and how many it steered.
+    pub gate_steps: usize,
+    pub gate_steps_on: usize,
 }
 
 /// Live counts for the progress bar and the summary.
@@ -134,10 +137,15 @@ pub fn summarize(
         .collect();
     let mut c = Counts::default();
     let mut episodes = 0;
+    let (mut gate_steps, mut gate_steps_on) = (0, 0);
     for l in &results.lines {
         if keys.contains(&l.key) {
             episodes += 1;
             c.add(l.condition, l.coeff as f32, l.success, l.parse_failure);
+            for d in l.gate.iter().flatten() {
+                gate_steps += 1;
+                gate_steps_on += usize::from(d["on"].as_bool() == Some(true));
+            }
         }
     }
     let base_rate = c.baseline.rate();
@@ -171,6 +179,8 @@ pub fn summarize(
         eval_s,
         rows_per_batch: 0.0,
         prefix_cache: CacheStats::default(),
+        gate_steps,
+        gate_steps_on,
     })
 }
 
@@ -303,6 +313,14 @@ pub fn print_summary(s: &Summary) {
             100.0 * st.success_rate,
             100.0 * st.parse_failure_rate,
             100.0 * st.delta
+        ));
+    }
+    if s.gate_steps > 0 {
+        line.push_str(&format!(
+            " | gate on {}/{} steered steps ({:.1}%)",
+            s.gate_steps_on,
+            s.gate_steps,
+            100.0 * s.gate_steps_on as f64 / s.gate_steps as f64
         ));
     }
     line.push_str(&format!(" | {} episodes ({} new) in {:.1}s → {}", s.episodes, s.new_episodes, s.wall_s, s.out));

@@ -154,7 +154,7 @@ pub async fn compute_and_publish<E: AgentModel>(
     let t0 = Instant::now();
     let views = training_views(pool, &items, E::SCREENSHOT).await?;
     tracing::info!(episodes = views.len(), "training observations in {:.1}s", t0.elapsed().as_secs_f64());
-    let penalty = s.protocol.repetition_penalty(Path::new(&model.info().checkpoint))?;
+    let penalty = s.protocol.repetition_penalty(model.info())?;
     let opts = CaaOptions::of_protocol(&s.protocol, vec![layer], s.vector_method, penalty);
     let prompts = PromptBuilder::new(s.protocol.clone())?;
     let v = compute(model, &prompts, &views, &all, &s.pair, &opts)?;

@@ -250,6 +250,7 @@ impl Hybrid {
         let info = ModelInfo {
             name: dir.display().to_string(),
             checkpoint: format!("graft {} + {}", cfg.vision.dir.display(), cfg.lm.dir.display()),
+            dir: Some(cfg.lm.dir.clone()),
             weights_hash: format!(
                 "{}+{}+{}",
                 cfg.vision.weights_hash,

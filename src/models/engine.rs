@@ -60,6 +60,15 @@ pub trait Engine: Send + Sync + 'static {
         cache: &mut PrefixCache,
     ) -> Result<BTreeMap<HookPoint, Tensor>>;
 
+    /// Each row's states at `point` over its real prompt tokens (`[tokens, hidden]`, padding
+    /// removed), from one unsteered prefill: what a gate probe reads.
+    fn prompt_states(&self, rows: &[&Self::Input], point: HookPoint) -> Result<Vec<Tensor>>;
+
+    /// Which tokens of an input are image tokens (a probe's `image-mean` pooling).
+    fn image_mask(&self, _input: &Self::Input) -> Vec<bool> {
+        Vec::new()
+    }
+
     /// The generation settings of this model's agent turns.
     fn generate_config(&self, max_new_tokens: usize) -> GenerateConfig {
         let tok = self.tokenizer();
@@ -121,6 +130,14 @@ impl Engine for LoadedModel {
     ) -> Result<BTreeMap<HookPoint, Tensor>> {
         let pad = self.tokenizer.pad_token_id().unwrap_or(0);
         Ok(generate::last_states_shared(&self.decoder, rows, pad, spec, Some(cache))?.1)
+    }
+
+    fn prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint) -> Result<Vec<Tensor>> {
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|r| (*r).clone()).collect();
+        let pad = self.tokenizer.pad_token_id().unwrap_or(0);
+        let (_, caps, pads) = generate::prefill(&self.decoder, &prompts, pad, &HookSpec::none().capture(point))?;
+        let s = caps.get(point)?;
+        (0..rows.len()).map(|r| Ok(s.get(r)?.narrow(0, pads[r], rows[r].len())?)).collect()
     }
 }
 
@@ -184,5 +201,17 @@ impl Engine for Qwen2Vl {
                 Ok((p, h.narrow(1, seq - 1, 1)?.squeeze(1)?))
             })
             .collect()
+    }
+
+    fn prompt_states(&self, rows: &[&VlmInput], point: HookPoint) -> Result<Vec<Tensor>> {
+        let batch: Vec<VlmInput> = rows.iter().map(|r| (*r).clone()).collect();
+        let mut caps = super::hooks::Captures::default();
+        let pre = self.prefill(&batch, &HookSpec::none().capture(point), &mut caps, false)?;
+        let s = caps.get(point)?;
+        (0..rows.len()).map(|r| Ok(s.get(r)?.narrow(0, pre.state.left_pad[r], rows[r].ids.len())?)).collect()
+    }
+
+    fn image_mask(&self, input: &VlmInput) -> Vec<bool> {
+        input.ids.iter().map(|&t| t == self.cfg.image_token_id).collect()
     }
 }

@@ -22,6 +22,10 @@ pub struct ModelInfo {
     /// Whether a row's outputs are bit-identical whatever its batch (docs/determinism.md):
     /// true for every CPU f32/gguf path; not promised on a GPU or in f16/bf16.
     pub batch_invariant: bool,
+    /// The checkpoint directory when the weights came from one (`generation_config.json` lives
+    /// there); `None` for a GGUF file.
+    #[serde(skip)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl ModelInfo {
@@ -111,6 +115,10 @@ impl LoadedModel {
         let info = ModelInfo {
             name: r.name.clone(),
             checkpoint: r.checkpoint.clone(),
+            dir: match &r.location {
+                Location::Dir(d) => Some(d.clone()),
+                Location::Gguf(_) => None,
+            },
             weights_hash: fingerprint(&weights.files())?,
             dtype: dtype.name().to_string(),
             family: decoder.cfg.family.name().to_string(),

@@ -282,14 +282,21 @@ impl Protocol {
         crate::agent::parse::ParseOptions { mode: self.file.parse.mode, escapes: self.file.parse.escapes }
     }
 
-    /// The repetition penalty for a checkpoint (`checkpoint`: its directory or .gguf file): the
-    /// protocol's number, or with `"model"` the checkpoint's `generation_config.json` (1 when it
-    /// has none, as a GGUF file does).
-    pub fn repetition_penalty(&self, checkpoint: &Path) -> Result<f32> {
+    /// The repetition penalty for a model: the protocol's number, or with `"model"` the
+    /// `generation_config.json` of the checkpoint directory it was loaded from (1 when it has
+    /// none, or when it came from a GGUF file, which carries no generation config).
+    pub fn repetition_penalty(&self, info: &crate::models::load::ModelInfo) -> Result<f32> {
+        self.repetition_penalty_in(info.dir.as_deref())
+    }
+
+    fn repetition_penalty_in(&self, dir: Option<&Path>) -> Result<f32> {
         match self.file.generation.repetition_penalty {
             Penalty::Fixed(x) => Ok(x),
             Penalty::Model => {
-                let dir = if checkpoint.is_dir() { checkpoint } else { checkpoint.parent().unwrap_or(Path::new(".")) };
+                let Some(dir) = dir else {
+                    tracing::info!("repetition_penalty = \"model\": a GGUF file has no generation config; penalty off");
+                    return Ok(1.0);
+                };
                 let p = dir.join("generation_config.json");
                 if !p.is_file() {
                     tracing::info!("{}: no generation_config.json; repetition penalty off", dir.display());
@@ -369,10 +376,11 @@ mod tests {
     fn penalty_from_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let p = Protocol::parse(&edited("repetition_penalty = 1.0", "repetition_penalty = \"model\""), "p").unwrap();
-        assert_eq!(p.repetition_penalty(&dir.path().join("m.gguf")).unwrap(), 1.0);
+        assert_eq!(p.repetition_penalty_in(None).unwrap(), 1.0);
+        assert_eq!(p.repetition_penalty_in(Some(dir.path())).unwrap(), 1.0, "no generation_config.json");
         std::fs::write(dir.path().join("generation_config.json"), r#"{"repetition_penalty": 1.05}"#).unwrap();
-        assert_eq!(p.repetition_penalty(dir.path()).unwrap(), 1.05);
+        assert_eq!(p.repetition_penalty_in(Some(dir.path())).unwrap(), 1.05);
         std::fs::write(dir.path().join("generation_config.json"), r#"{"repetition_penalty": "x"}"#).unwrap();
-        assert!(p.repetition_penalty(dir.path()).unwrap_err().to_string().contains("generation_config.json"));
+        assert!(p.repetition_penalty_in(Some(dir.path())).unwrap_err().to_string().contains("generation_config.json"));
     }
 }

@@ -253,6 +253,19 @@ pub fn compute<E: Engine>(
             pb.inc(chunk.len() as u64);
         }
         pb.finish_and_clear();
+        if opts.method == Method::ResponseText {
+            let same = with_resp.chunks(2).filter(|p| p.len() == 2 && p[0] == p[1]).count();
+            if same == pairs.len() {
+                bail!(
+                    "response-text: the model gave the same response to the positive and the negative instruction \
+                     in all {same} training pairs, so every difference is zero and there is no direction; \
+                     use more training episodes, a pair the model responds to, or another caa.method"
+                );
+            }
+            if same > 0 {
+                tracing::warn!("response-text: {same} of {} training pairs got the same response to both instructions (they add nothing)", pairs.len());
+            }
+        }
         prompts = with_resp;
     }
     let pb = progress(prompts.len() as u64, "activations");

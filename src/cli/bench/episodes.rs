@@ -92,6 +92,7 @@ fn settings(
         allow_foreign_vector: false,
         protocol: miniwob_steer::protocol::Protocol::default_protocol(),
         plan: None,
+        gate: None,
     })
 }
 

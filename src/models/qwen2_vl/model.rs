@@ -146,6 +146,7 @@ impl Qwen2Vl {
         let info = ModelInfo {
             name: name.to_string(),
             checkpoint: checkpoint.to_string(),
+            dir: Some(dir.to_path_buf()),
             weights_hash: fingerprint(&w.files())?,
             dtype: dtype.name().to_string(),
             family: "qwen2-vl".to_string(),
