@@ -589,3 +589,49 @@ fn gated_steering_end_to_end_on_smollm2() {
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("gate"));
 }
+
+/// The gate's last-token reading through the prefix cache (what `run --gate` uses for `last`
+/// heads) gives the bits of a full prefill, and leaves the prompt's prefix cached for the
+/// generation that follows.
+#[test]
+fn gate_reading_through_the_prefix_cache_is_exact() {
+    use miniwob_steer::models::engine::Engine;
+    use miniwob_steer::models::prefix_cache::PrefixCache;
+    let m = miniwob_steer::models::load::LoadedModel::load(
+        common::gguf_path("smollm2-135m").to_str().unwrap(),
+        &Device::Cpu,
+        miniwob_steer::models::WeightDType::F32,
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "Click the button labelled OK on the page below, then stop.",
+        "Type the word blue into the colour field.",
+        "Select the second option of the list.",
+    ]
+    .iter()
+    .map(|t| m.tokenizer.encode(&t.repeat(6), false).unwrap())
+    .collect();
+    let rows: Vec<&Vec<u32>> = prompts.iter().collect();
+    let point = HookPoint::ResidPost(15);
+    let mut cache = PrefixCache::new(64);
+    let fast = m.last_prompt_states(&rows, point, &mut cache).unwrap();
+    let full = m.prompt_states(&rows, point).unwrap();
+    for (r, (a, b)) in fast.iter().zip(&full).enumerate() {
+        let n = b.dim(0).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.get(n - 1).unwrap().to_vec1().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "row {r}: not the full prefill's bits");
+    }
+    let before = cache.stats();
+    let cfg = miniwob_steer::models::generate::GenerateConfig { max_new_tokens: 1, ..Default::default() };
+    m.generate(&rows, &cfg, &Default::default(), &mut cache, None).unwrap();
+    let after = cache.stats();
+    // Every whole cache block of each prompt but its last token was served, none recomputed.
+    let block = miniwob_steer::models::prefix_cache::BLOCK;
+    let want: usize = prompts.iter().map(|p| (p.len() - 1) / block * block).sum();
+    assert!(want >= 3 * block, "prompts long enough to fill blocks");
+    assert_eq!(
+        (after.hit_tokens - before.hit_tokens) as usize,
+        want,
+        "the generation reused the gate's prefixes: {after:?}"
+    );
+}

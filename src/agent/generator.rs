@@ -196,7 +196,7 @@ fn run_batch<E: Engine>(
     let rows: Vec<&Row<E::Input>> = batch.iter().flat_map(|r| r.rows.iter()).collect();
     let mut coeffs: Vec<f32> = rows.iter().map(|r| r.coeff).collect();
     let decisions = match steering.and_then(|s| s.gate.as_ref()) {
-        Some(gate) => gate_rows(model, gate, &rows)?,
+        Some(gate) => gate_rows(model, gate, &rows, cache)?,
         None => vec![None; rows.len()],
     };
     for (c, d) in coeffs.iter_mut().zip(&decisions) {
@@ -234,7 +234,12 @@ fn run_batch<E: Engine>(
 
 /// The gate's decision for every steered row (rows with the same input read once); `None` for
 /// baseline rows.
-fn gate_rows<E: Engine>(model: &E, gate: &Gate, rows: &[&Row<E::Input>]) -> Result<Vec<Option<GateDecision>>> {
+fn gate_rows<E: Engine>(
+    model: &E,
+    gate: &Gate,
+    rows: &[&Row<E::Input>],
+    cache: &mut PrefixCache,
+) -> Result<Vec<Option<GateDecision>>> {
     let mut unique: Vec<&E::Input> = Vec::new();
     let mut of_row: Vec<Option<usize>> = Vec::with_capacity(rows.len());
     for r in rows {
@@ -251,8 +256,21 @@ fn gate_rows<E: Engine>(model: &E, gate: &Gate, rows: &[&Row<E::Input>]) -> Resu
     if unique.is_empty() {
         return Ok(vec![None; rows.len()]);
     }
-    let states = model.prompt_states(&unique, gate.capture_point())?;
-    let decided: Vec<GateDecision> =
-        states.iter().zip(&unique).map(|(s, u)| gate.decide_states(s, &model.image_mask(u))).collect::<Result<_>>()?;
+    // A head that reads the last token needs one token past the cached prefix (which the rows'
+    // generation then reuses); other poolings read every prompt position.
+    let decided: Vec<GateDecision> = if gate.head.meta.pool == crate::probe::Pool::Last {
+        let states = model.last_prompt_states(&unique, gate.capture_point(), cache)?;
+        states
+            .iter()
+            .map(|s| {
+                gate.decide_pooled(
+                    &s.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?,
+                )
+            })
+            .collect::<Result<_>>()?
+    } else {
+        let states = model.prompt_states(&unique, gate.capture_point())?;
+        states.iter().zip(&unique).map(|(s, u)| gate.decide_states(s, &model.image_mask(u))).collect::<Result<_>>()?
+    };
     Ok(of_row.into_iter().map(|u| u.map(|u| decided[u])).collect())
 }

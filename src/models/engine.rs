@@ -64,6 +64,25 @@ pub trait Engine: Send + Sync + 'static {
     /// removed), from one unsteered prefill: what a gate probe reads.
     fn prompt_states(&self, rows: &[&Self::Input], point: HookPoint) -> Result<Vec<Tensor>>;
 
+    /// Each row's state at `point` at its last prompt token (`[hidden]`), unsteered. The default
+    /// takes it from [`prompt_states`](Self::prompt_states); the text decoder prefills the prompt
+    /// but its last token through `cache` (which the row's generation then reuses) and runs only
+    /// the last token with the capture, the same bits (docs/determinism.md).
+    fn last_prompt_states(
+        &self,
+        rows: &[&Self::Input],
+        point: HookPoint,
+        _cache: &mut PrefixCache,
+    ) -> Result<Vec<Tensor>> {
+        self.prompt_states(rows, point)?
+            .into_iter()
+            .map(|s| {
+                let n = s.dim(0)?;
+                Ok(s.get(n - 1)?)
+            })
+            .collect()
+    }
+
     /// Which tokens of an input are image tokens (a probe's `image-mean` pooling).
     fn image_mask(&self, _input: &Self::Input) -> Vec<bool> {
         Vec::new()
@@ -130,6 +149,18 @@ impl Engine for LoadedModel {
     ) -> Result<BTreeMap<HookPoint, Tensor>> {
         let pad = self.tokenizer.pad_token_id().unwrap_or(0);
         Ok(generate::last_states_shared(&self.decoder, rows, pad, spec, Some(cache))?.1)
+    }
+
+    fn last_prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint, cache: &mut PrefixCache) -> Result<Vec<Tensor>> {
+        if rows.iter().any(|r| r.len() < 2) {
+            return self.prompt_states(rows, point)?.into_iter().map(|s| Ok(s.get(s.dim(0)? - 1)?)).collect();
+        }
+        let spec = HookSpec::none().capture(point);
+        let mut caps = super::hooks::Captures::default();
+        let row_of: Vec<usize> = (0..rows.len()).collect();
+        generate::prefill_forked_captured(&self.decoder, rows, &row_of, &spec, Some(cache), &mut caps)?;
+        let s = caps.get(point)?;
+        (0..rows.len()).map(|r| Ok(s.get(r)?.squeeze(0)?)).collect()
     }
 
     fn prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint) -> Result<Vec<Tensor>> {

@@ -298,7 +298,20 @@ pub fn prefill_forked(
     unique: &[&Vec<u32>],
     row_of: &[usize],
     spec: &HookSpec,
+    cache: Option<&mut PrefixCache>,
+) -> Result<(State, Tensor)> {
+    prefill_forked_captured(model, unique, row_of, spec, cache, &mut Captures::default())
+}
+
+/// [`prefill_forked`], keeping what `spec` captures on the last-token step (`[rows, 1, hidden]`
+/// per point): each row's states at its last prompt token, the prefix served by `cache`.
+pub fn prefill_forked_captured(
+    model: &Decoder,
+    unique: &[&Vec<u32>],
+    row_of: &[usize],
+    spec: &HookSpec,
     mut cache: Option<&mut PrefixCache>,
+    caps: &mut Captures,
 ) -> Result<(State, Tensor)> {
     if let Some(iv) = spec.interventions.iter().find(|iv| iv.positions != Positions::Last) {
         bail!("prefix sharing needs the `last` position selector, found {:?} at `{}`", iv.positions, iv.point);
@@ -315,8 +328,7 @@ pub fn prefill_forked(
     let last: Vec<u32> = row_of.iter().map(|&u| unique[u][unique[u].len() - 1]).collect();
     let last = Tensor::from_vec(last, (row_of.len(), 1), model.device())?;
     // One new column per row: with `last`, exactly the position the steering applies to.
-    let logits =
-        model.forward(&last, &mut state, &StepInfo::decode(row_of.len()), spec, &mut Captures::default(), false)?;
+    let logits = model.forward(&last, &mut state, &StepInfo::decode(row_of.len()), spec, caps, false)?;
     Ok((state, logits))
 }
 
