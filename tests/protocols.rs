@@ -326,6 +326,16 @@ fn select_keystrokes_and_the_page_clock_on_chromium() {
                 let r = s.act(&Action::ClickRef(submit)).await.unwrap();
                 assert!(r.done && r.raw_reward > 0.0, "{select:?} seed {seed}: {r:?}");
             }
+            // What tells the two apart: setting checks the option exists; keystrokes just type.
+            let obs = s.reset("choose-list", 9).await.unwrap();
+            let sel = obs.elements.iter().find(|e| e.tag == "SELECT").unwrap();
+            let before = sel.value.clone();
+            let r = s.act(&Action::SelectRef { r#ref: sel.r#ref, option: "Qqqq no such".into() }).await.unwrap();
+            match select {
+                SelectMode::Set => assert!(r.error.as_deref().unwrap().contains("has no option"), "{r:?}"),
+                SelectMode::Keystrokes => assert!(r.error.is_none(), "typing into a select raises nothing: {r:?}"),
+            }
+            assert_eq!(s.observe().await.unwrap().element(sel.r#ref).unwrap().value, before, "{select:?}");
             drop(s);
             pool.shutdown().await;
         }

@@ -76,6 +76,11 @@ fn config(r: &Rows, i: usize) -> Config {
     (r.experiment[i], r.model[i], r.layer[i], r.coeff[i], r.prompt_pair[i], r.vector_method[i], r.protocol[i])
 }
 
+/// The pair key of row i (module docs).
+fn pair_key(r: &Rows, i: usize) -> (u32, u32, u32, u32, u32, u32, u32, i64) {
+    (r.experiment[i], r.model[i], r.layer[i], r.prompt_pair[i], r.vector_method[i], r.protocol[i], r.task[i], r.seed[i])
+}
+
 /// Readable full key of row i.
 pub fn full_key(r: &Rows, i: usize) -> String {
     let s = |d: &crate::ingest::Dict, c: u32| d.name(c).unwrap_or("null").to_string();
@@ -99,18 +104,7 @@ const MAX_EXAMPLES: usize = 20;
 /// Sorts the rows by pair key and pairs them (O(n log n), memory: one u32 index per row).
 pub fn pair(r: &Rows) -> Pairing {
     let n = r.len();
-    let pk = |i: usize| {
-        (
-            r.experiment[i],
-            r.model[i],
-            r.layer[i],
-            r.prompt_pair[i],
-            r.vector_method[i],
-            r.protocol[i],
-            r.task[i],
-            r.seed[i],
-        )
-    };
+    let pk = |i: usize| pair_key(r, i);
     let idx = sorted_index(r);
 
     let mut p = Pairing::default();
@@ -206,18 +200,7 @@ pub fn sorted_index(r: &Rows) -> Vec<u32> {
         keys.sort_unstable();
         return keys.into_iter().map(|k| k.3).collect();
     }
-    let pk = |i: usize| {
-        (
-            r.experiment[i],
-            r.model[i],
-            r.layer[i],
-            r.prompt_pair[i],
-            r.vector_method[i],
-            r.protocol[i],
-            r.task[i],
-            r.seed[i],
-        )
-    };
+    let pk = |i: usize| pair_key(r, i);
     let mut idx: Vec<u32> = (0..n as u32).collect();
     idx.sort_unstable_by(|&a, &b| {
         let (a, b) = (a as usize, b as usize);

@@ -256,21 +256,6 @@ fn gate_rows<E: Engine>(
     if unique.is_empty() {
         return Ok(vec![None; rows.len()]);
     }
-    // A head that reads the last token needs one token past the cached prefix (which the rows'
-    // generation then reuses); other poolings read every prompt position.
-    let decided: Vec<GateDecision> = if gate.head.meta.pool == crate::probe::Pool::Last {
-        let states = model.last_prompt_states(&unique, gate.capture_point(), cache)?;
-        states
-            .iter()
-            .map(|s| {
-                gate.decide_pooled(
-                    &s.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?,
-                )
-            })
-            .collect::<Result<_>>()?
-    } else {
-        let states = model.prompt_states(&unique, gate.capture_point())?;
-        states.iter().zip(&unique).map(|(s, u)| gate.decide_states(s, &model.image_mask(u))).collect::<Result<_>>()?
-    };
+    let decided = gate.decide_inputs(model, &unique, cache)?;
     Ok(of_row.into_iter().map(|u| u.map(|u| decided[u])).collect())
 }

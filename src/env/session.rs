@@ -459,25 +459,14 @@ impl Session {
             Action::SelectRef { r#ref, option } if self.cfg.select == crate::protocol::SelectMode::Set => {
                 self.exec_state(SELECT_JS, vec![json!(r#ref), json!(option)]).await?
             }
-            // Keystrokes: click the element, then type the option text (the browser's type-ahead
-            // picks the option, as a user's keyboard would).
-            Action::SelectRef { r#ref, option } => {
-                let st = self.exec_state(CLICK_JS, vec![json!(r#ref)]).await?;
-                if st.err.is_some() {
-                    st
-                } else {
-                    let err = outcome(self.type_text(option).await)?;
-                    let mut st = self.exec_state(STATE_JS, vec![]).await?;
-                    st.err = err;
-                    st
-                }
-            }
-            Action::TypeRef { r#ref, .. } if *r#ref < 0 => {
+            // Typing, and a select run as keystrokes: click the element, then type the text (for a
+            // select, the browser's type-ahead picks the option, as a user's keyboard would).
+            Action::TypeRef { r#ref, .. } | Action::SelectRef { r#ref, .. } if *r#ref < 0 => {
                 let mut st = self.exec_state(STATE_JS, vec![]).await?;
                 st.err.get_or_insert_with(|| format!("ref {} is a text fragment; it cannot take input", r#ref));
                 st
             }
-            Action::TypeRef { r#ref, text } => {
+            Action::TypeRef { r#ref, text } | Action::SelectRef { r#ref, option: text } => {
                 let st = self.exec_state(CLICK_JS, vec![json!(r#ref)]).await?;
                 if st.err.is_some() {
                     st

@@ -22,6 +22,11 @@ pub struct RowGeneration {
     pub image_states: Option<Tensor>,
 }
 
+/// The last row (`[hidden]`) of each `[tokens, hidden]` state.
+fn last_rows(states: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    states.into_iter().map(|s| Ok(s.get(s.dim(0)? - 1)?)).collect()
+}
+
 /// A model that turns rows of inputs into generations and hidden states.
 pub trait Engine: Send + Sync + 'static {
     /// One row's prompt: token ids, and for a VLM its processed images.
@@ -74,13 +79,7 @@ pub trait Engine: Send + Sync + 'static {
         point: HookPoint,
         _cache: &mut PrefixCache,
     ) -> Result<Vec<Tensor>> {
-        self.prompt_states(rows, point)?
-            .into_iter()
-            .map(|s| {
-                let n = s.dim(0)?;
-                Ok(s.get(n - 1)?)
-            })
-            .collect()
+        last_rows(self.prompt_states(rows, point)?)
     }
 
     /// Which tokens of an input are image tokens (a probe's `image-mean` pooling).
@@ -153,7 +152,7 @@ impl Engine for LoadedModel {
 
     fn last_prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint, cache: &mut PrefixCache) -> Result<Vec<Tensor>> {
         if rows.iter().any(|r| r.len() < 2) {
-            return self.prompt_states(rows, point)?.into_iter().map(|s| Ok(s.get(s.dim(0)? - 1)?)).collect();
+            return last_rows(self.prompt_states(rows, point)?);
         }
         let spec = HookSpec::none().capture(point);
         let mut caps = super::hooks::Captures::default();
@@ -165,10 +164,7 @@ impl Engine for LoadedModel {
 
     fn prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint) -> Result<Vec<Tensor>> {
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| (*r).clone()).collect();
-        let pad = self.tokenizer.pad_token_id().unwrap_or(0);
-        let (_, caps, pads) = generate::prefill(&self.decoder, &prompts, pad, &HookSpec::none().capture(point))?;
-        let s = caps.get(point)?;
-        (0..rows.len()).map(|r| Ok(s.get(r)?.narrow(0, pads[r], rows[r].len())?)).collect()
+        generate::prompt_states(&self.decoder, &prompts, self.tokenizer.pad_token_id().unwrap_or(0), point)
     }
 }
 

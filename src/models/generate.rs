@@ -252,6 +252,14 @@ pub fn prefill(
     Ok((logits.squeeze(1)?, caps, pads))
 }
 
+/// Each prompt's states at `point` over its real tokens (`[tokens, hidden]`, padding removed),
+/// from one unsteered, left-padded prefill of the batch.
+pub fn prompt_states(model: &Decoder, prompts: &[Vec<u32>], pad_id: u32, point: HookPoint) -> Result<Vec<Tensor>> {
+    let (_, caps, pads) = prefill(model, prompts, pad_id, &HookSpec::none().capture(point))?;
+    let s = caps.get(point)?;
+    (0..prompts.len()).map(|r| Ok(s.get(r)?.narrow(0, pads[r], prompts[r].len())?)).collect()
+}
+
 /// Generation with prefix sharing (DESIGN.md §3): with the `last` position selector, rows with
 /// the same prompt (the baseline and steered rows of one episode) have identical keys and values
 /// for every prompt position but the last. Each distinct prompt's prefix is prefilled once

@@ -10,9 +10,11 @@
 use super::features::{self, Pool};
 use super::head::Head;
 use crate::models::decoder::Decoder;
+use crate::models::engine::Engine;
 use crate::models::generate;
-use crate::models::hooks::{Captures, HookPoint, HookSpec};
+use crate::models::hooks::HookPoint;
 use crate::models::load::ModelInfo;
+use crate::models::prefix_cache::PrefixCache;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -96,25 +98,35 @@ impl Gate {
         self.decide_pooled(&pooled.to_vec1::<f32>()?)
     }
 
-    /// Decisions for the rows of a captured prefill: `caps` holds the gate's point
-    /// (`[batch, seq, hidden]`, left-padded by `pads`); `lens` are the prompt lengths.
-    pub fn decide_captured(&self, caps: &Captures, pads: &[usize], lens: &[usize]) -> Result<Vec<GateDecision>> {
-        let s = caps.get(self.point)?;
-        (0..pads.len()).map(|r| self.decide_states(&s.get(r)?.narrow(0, pads[r], lens[r])?, &[])).collect()
+    /// One decision per model input (unsteered): what `run --gate` reads on every steered row.
+    /// A head that pools the last token reads one token past the prompt's prefix, which goes
+    /// through `cache` (the rows' generation then reuses it); other poolings read every prompt
+    /// position in one more prefill. Either way the bits of a plain prefill (tests/probes.rs).
+    pub fn decide_inputs<E: Engine>(
+        &self,
+        model: &E,
+        inputs: &[&E::Input],
+        cache: &mut PrefixCache,
+    ) -> Result<Vec<GateDecision>> {
+        if self.head.meta.pool == Pool::Last {
+            let states = model.last_prompt_states(inputs, self.point, cache)?;
+            return states
+                .iter()
+                .map(|s| self.decide_pooled(&s.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+                .collect();
+        }
+        let states = model.prompt_states(inputs, self.point)?;
+        states.iter().zip(inputs).map(|(s, u)| self.decide_states(s, &model.image_mask(u))).collect()
     }
 
-    /// A capture-only prefill of the (unsteered, already tokenized) prompts and one decision per
-    /// prompt. Costs one prefill; a run loop that already prefills the baseline row with a
-    /// capture of [`capture_point`](Self::capture_point) can call
-    /// [`decide_captured`](Self::decide_captured) on it instead.
+    /// A capture-only prefill of the (unsteered, already tokenized) prompts of a text model and
+    /// one decision per prompt (`probe gate`).
     pub fn read_prompts(&self, decoder: &Decoder, prompts: &[Vec<u32>], pad_id: u32) -> Result<Vec<GateDecision>> {
         if self.head.meta.pool == Pool::ImageMean {
             bail!("this gate pools image tokens; read it on the VLM prefill with decide_states");
         }
-        let spec = HookSpec::none().capture(self.point);
-        let (_logits, caps, pads) = generate::prefill(decoder, prompts, pad_id, &spec)?;
-        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        self.decide_captured(&caps, &pads, &lens)
+        let states = generate::prompt_states(decoder, prompts, pad_id, self.point)?;
+        states.iter().map(|s| self.decide_states(s, &[])).collect()
     }
 
     /// Per-row coefficients: `alpha` where the gate is on, 0 where it is off.
