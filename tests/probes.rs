@@ -42,6 +42,7 @@ fn meta(hidden: usize, classes: usize) -> HeadMeta {
         model: "synthetic".into(),
         checkpoint: "none".into(),
         weights_hash: "0".into(),
+        adapter: None,
         features: "none".into(),
         mean_resid_norm: 0.0,
         train: Value::Null,

@@ -252,6 +252,7 @@ fn vector_file(path: &Path, weights_hash: &str, poison: Option<(usize, f32)>) {
             created: now(),
             read: None,
             protocol: None,
+            adapter: None,
         },
     };
     sv.save(path).unwrap();

@@ -101,6 +101,9 @@ pub struct EpisodeLine {
     /// `run --gate`: the gate of the run (`<head file hash>:<class>@<threshold>`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_config: Option<String>,
+    /// `run --adapter`: the LoRA adapter every row applied (`name@hash`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// A coefficient as JSON writes it (`3.0`, `0.0`, `-1.5`).
@@ -129,6 +132,9 @@ pub struct RunConfig {
     /// `run --gate`: `<head file hash>:<class>@<threshold>`; `None` without a gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<String>,
+    /// `run --adapter`: `name@hash` of the LoRA adapter; `None` for the plain model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 impl RunConfig {
@@ -145,6 +151,7 @@ impl RunConfig {
             max_new_tokens: l.max_new_tokens,
             protocol: l.protocol.clone().filter(|p| !is_default_protocol(p)),
             gate: l.gate_config.clone(),
+            adapter: l.adapter.clone(),
         }
     }
 
@@ -171,8 +178,11 @@ impl RunConfig {
             .filter(|k| get(a, k) != get(b, k))
             .map(|k| {
                 let (x, y) = (get(a, k), get(b, k));
-                let show_protocol =
-                    |v: serde_json::Value| if v.is_null() && k == "protocol" { "the default".into() } else { show(v) };
+                let show_protocol = |v: serde_json::Value| match (v.is_null(), k.as_str()) {
+                    (true, "protocol") => "the default".into(),
+                    (true, "adapter" | "gate") => "none".into(),
+                    _ => show(v),
+                };
                 format!("{k}: {} in the file, {} in this run", show_protocol(x), show_protocol(y))
             })
             .collect()

@@ -565,7 +565,7 @@ pub fn run_query(a: QueryArgs) -> Result<()> {
                     .to_string()
             }
         };
-        Some(ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone() }.load_any()?)
+        Some(ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone(), adapter: None }.load_any()?)
     } else {
         None
     };

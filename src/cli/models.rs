@@ -24,17 +24,30 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N or auto (the GPU when this binary has CUDA and one is visible).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A peft LoRA adapter (`[NAME=]DIR` holding adapter_config.json and
+    /// adapter_model.safetensors) applied to every row, unmerged.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 impl ModelArgs {
     /// A text model, or a Qwen2-VL with its vision tower.
     pub fn load_any(&self) -> Result<miniwob_steer::models::load::Loaded> {
-        miniwob_steer::models::load::Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)
+        use miniwob_steer::models::load::{apply_adapter, Loaded};
+        let mut m = Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)?;
+        if let Some(a) = &self.adapter {
+            match &mut m {
+                Loaded::Text(t) => apply_adapter(&mut t.decoder, &mut t.info, a)?,
+                Loaded::Vlm(v) => apply_adapter(&mut v.decoder, &mut v.info, a)?,
+            }
+        }
+        Ok(m)
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
-        LoadedModel::load(&self.model, &device, self.dtype.resolve_for(&device, &self.model))
+        LoadedModel::load(&self.model, &device, self.dtype.resolve_for(&device, &self.model))?
+            .with_adapter(self.adapter.as_deref())
     }
 }
 
@@ -178,7 +191,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "model": m.info.name, "weights_hash": m.info.weights_hash, "dtype": m.info.dtype,
+                    "model": m.info.name, "weights_hash": m.info.weights_hash, "dtype": m.info.dtype, "adapter": m.info.adapter,
                     "hook_point": layer.map(|l| HookPoint::ResidPost(l).to_string()),
                     "coeff": c, "positions": a.positions.to_string(), "seed": a.seed,
                     "prompt_tokens": g.prompt_tokens, "tokens": g.tokens, "stopped": g.stop.is_some(), "text": text,

@@ -28,6 +28,33 @@ pub enum ProbeCmd {
     Sweep(SweepArgs),
     /// A gate's probability and decision on each prompt of a dataset (what `run --gate` decides per step).
     Gate(GateArgs),
+    /// Route each prompt to a LoRA adapter with a router head and generate with it (rows of
+    /// different adapters in one batch).
+    Route(RouteArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RouteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The router head (`probe train`); its classes are adapter names.
+    #[arg(long)]
+    pub head: PathBuf,
+    /// `NAME=DIR,…`: a peft LoRA adapter per class (NAME = the class); classes without one run on
+    /// the base model.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub adapters: Vec<String>,
+    /// A text dataset (JSONL `{"text", "label"?}`; `text` is encoded as the head's features were).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Prompts per generation batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// One JSON line per prompt (class, probability, adapter, output) [default: stdout].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -206,6 +233,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         ProbeCmd::Eval(a) => run_eval(a),
         ProbeCmd::Sweep(a) => run_sweep(a),
         ProbeCmd::Gate(a) => run_gate(a),
+        ProbeCmd::Route(a) => run_route(a),
     }
 }
 
@@ -386,5 +414,65 @@ fn run_gate(a: GateArgs) -> Result<()> {
         ds.rows.len(),
         100.0 * on as f64 / ds.rows.len() as f64
     );
+    Ok(())
+}
+
+fn run_route(a: RouteArgs) -> Result<()> {
+    use miniwob_steer::models::engine::Engine;
+    use std::io::Write;
+    if a.model.adapter.is_some() {
+        bail!("probe route reads the router on the base model: give the adapters in --adapters, not --adapter");
+    }
+    let head = Head::load(&a.head)?;
+    let ds = data::read(&a.data)?;
+    if let Some(r) = ds.rows.iter().find(|r| r.image.is_some()) {
+        bail!("{}: row `{}` has an image; probe route takes text models and text rows", a.data.display(), r.text);
+    }
+    let mut m = a.model.load()?;
+    head.check_model(&m.info).with_context(|| format!("--head {}", a.head.display()))?;
+    let router = miniwob_steer::probe::route::Router::new(head, &mut m.decoder, &a.adapters)?;
+    let cfg = m.generate_config(a.max_new_tokens);
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let classes = router.head.meta.classes.clone();
+    let labelled = ds.rows.iter().all(|r| classes.contains(&r.label));
+    let (mut right, mut per_route) = (0usize, std::collections::BTreeMap::<String, usize>::new());
+    let pb = miniwob_steer::interp::progress(ds.rows.len() as u64, "probe route");
+    for (b, rows) in ds.rows.chunks(a.batch_size.max(1)).enumerate() {
+        let prompts = rows
+            .iter()
+            .map(|r| features::encode_text(&m.tokenizer, &r.text, router.head.meta.chat))
+            .collect::<Result<Vec<_>>>()?;
+        let routed = router.route(&m.decoder, &prompts, &cfg)?;
+        for (i, (r, x)) in rows.iter().zip(routed).enumerate() {
+            let class = &classes[x.class];
+            let adapter = router.names[x.class].clone();
+            right += usize::from(*class == r.label);
+            *per_route.entry(adapter.clone().unwrap_or_else(|| "(base)".into())).or_default() += 1;
+            let line = serde_json::json!({
+                "row": b * a.batch_size.max(1) + i, "label": r.label, "meta": r.meta,
+                "class": class, "probability": x.probability, "adapter": adapter,
+                "output": m.tokenizer.decode(&x.generation.tokens, true)?, "tokens": x.generation.tokens.len(),
+            });
+            writeln!(out, "{line}")?;
+        }
+        pb.inc(rows.len() as u64);
+    }
+    out.flush()?;
+    pb.finish_and_clear();
+    let n = ds.rows.len().max(1);
+    let routes: Vec<String> = per_route.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!("routed {} prompts: {}", ds.rows.len(), routes.join(", "));
+    if labelled {
+        eprintln!(
+            "routing accuracy (class = label): {right}/{} = {:.1}%",
+            ds.rows.len(),
+            100.0 * right as f64 / n as f64
+        );
+    }
     Ok(())
 }

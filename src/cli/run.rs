@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Probability of --gate-class at or above which a row is steered.
     #[arg(long, default_value_t = 0.5)]
     pub gate_threshold: f32,
+    /// A peft LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`),
+    /// `[NAME=]DIR`: every row runs the adapted model, unmerged; its `name@hash` is in every line
+    /// and in the resume key.
+    #[arg(long)]
+    pub adapter: Option<String>,
     /// Browser sessions (concurrent episodes feeding one model).
     #[arg(long)]
     pub concurrency: Option<usize>,
@@ -232,6 +237,7 @@ fn settings(a: &RunArgs) -> Result<Settings> {
                 (Some(_), _) if a.base_only => bail!("--gate with --base-only: there is no steering to gate"),
                 _ => None,
             },
+            adapter: a.adapter.clone(),
         })
     }
 }

@@ -80,6 +80,7 @@ impl RunMeta {
             max_new_tokens: Some(s.max_new_tokens),
             protocol: (!s.protocol.is_default()).then(|| s.protocol.id()),
             gate: if s.base_only { None } else { s.gate.as_ref().map(|g| g.id.clone()) },
+            adapter: info.adapter.clone(),
         };
         RunMeta {
             experiment: s.experiment.clone(),
@@ -150,6 +151,7 @@ impl RunMeta {
                 ep.gate.iter().map(|d| serde_json::json!({"probability": d.probability, "on": d.on})).collect()
             }),
             gate_config: self.config.gate.clone(),
+            adapter: self.config.adapter.clone(),
         }
     }
 }

@@ -249,6 +249,7 @@ mod tests {
             max_new_tokens: Some(12),
             protocol: None,
             gate: None,
+            adapter: None,
         }
     }
 
@@ -292,6 +293,7 @@ mod tests {
             lens: None,
             gate: None,
             gate_config: c.gate.clone(),
+            adapter: c.adapter.clone(),
         }
     }
 

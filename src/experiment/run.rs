@@ -54,14 +54,18 @@ pub fn run_settings(
                 s.model
             );
         }
-        let model = Arc::new(Qwen2Vl::load(&s.model, &device, s.dtype)?);
+        let mut model = Qwen2Vl::load(&s.model, &device, s.dtype)?;
+        if let Some(a) = &s.adapter {
+            crate::models::load::apply_adapter(&mut model.decoder, &mut model.info, a)?;
+        }
+        let model = Arc::new(model);
         let probe = lens.map(|(dir, l)| lens_probe(dir, l, s, &model.info)).transpose()?;
         execute(s, model, given, vector_cache, progress, probe)
     } else {
         if lens.is_some() {
             bail!("--lens reads vision tokens: it needs --vlm and a Qwen2-VL model");
         }
-        let model = Arc::new(LoadedModel::load(&s.model, &device, s.dtype)?);
+        let model = Arc::new(LoadedModel::load(&s.model, &device, s.dtype)?.with_adapter(s.adapter.as_deref())?);
         execute(s, model, given, vector_cache, progress, None)
     }
 }

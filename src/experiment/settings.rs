@@ -44,6 +44,8 @@ pub struct Settings {
     pub plan: Option<Arc<SeedPlan>>,
     /// `--gate FILE --gate-class C --gate-threshold P`: conditional steering.
     pub gate: Option<GateSettings>,
+    /// `--adapter [NAME=]DIR`: a peft LoRA adapter every row applies.
+    pub adapter: Option<String>,
 }
 
 /// A loaded gate and its identity in the run configuration.

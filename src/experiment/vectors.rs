@@ -99,11 +99,15 @@ pub fn compute<E: AgentModel>(
 
 /// Where a computed vector is cached: `--vector-cache`, else `<out dir>/vectors/…` named by
 /// everything it depends on.
-pub fn cache_path(s: &Settings, explicit: Option<&Path>, layer: usize, model: &str, vlm: bool) -> Result<PathBuf> {
+pub fn cache_path(s: &Settings, explicit: Option<&Path>, layer: usize, info: &ModelInfo, vlm: bool) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
     let dir = s.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("vectors");
+    let model = match &info.adapter {
+        Some(a) => format!("{}+{a}", info.name),
+        None => info.name.clone(),
+    };
     let safe: String =
         model.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     let pairs = match pairs_hash(s)? {
@@ -191,7 +195,7 @@ pub async fn resolve<E: AgentModel>(
     let (v, path, hash) = match given {
         Some(g) => g,
         None => {
-            let path = cache_path(s, explicit_cache, layer, &model.info().name, E::SCREENSHOT)?;
+            let path = cache_path(s, explicit_cache, layer, model.info(), E::SCREENSHOT)?;
             let v = if path.is_file() {
                 tracing::info!("using the cached vector {}", path.display());
                 SteeringVector::load(&path)?

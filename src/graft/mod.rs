@@ -248,6 +248,7 @@ impl Hybrid {
         }
         let adapter = Adapter::load(&dir.join(ADAPTER_FILE), &cfg.adapter, device)?;
         let info = ModelInfo {
+            adapter: None,
             name: dir.display().to_string(),
             checkpoint: format!("graft {} + {}", cfg.vision.dir.display(), cfg.lm.dir.display()),
             dir: Some(cfg.lm.dir.clone()),

@@ -3,9 +3,11 @@
 use super::config::{Activation, DecoderConfig, RopeScaling};
 use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
 use super::kernels::{self, AttnShape};
+use super::lora::LoraAdapter;
 use super::weights::{LayerTensor as L, Linear, Name, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 struct Attention {
     q: Linear,
@@ -47,11 +49,19 @@ pub struct State {
     pub left_pad: Vec<usize>,
     /// Columns consumed so far (padding included).
     pub cols: usize,
+    /// Per row, the LoRA adapter its projections apply ([`Decoder::adapters`] index); empty or
+    /// `None` = the base model.
+    pub adapters: Vec<Option<u16>>,
 }
 
 impl State {
     pub fn batch(&self) -> usize {
         self.left_pad.len()
+    }
+
+    /// Row `r`'s adapter.
+    pub fn adapter(&self, r: usize) -> Option<u16> {
+        self.adapters.get(r).copied().flatten()
     }
 
     /// A state whose row `i` is a copy of this state's row `rows[i]`: prefill a shared prefix
@@ -67,7 +77,12 @@ impl State {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(State { kv, left_pad: rows.iter().map(|&r| self.left_pad[r]).collect(), cols: self.cols })
+        Ok(State {
+            kv,
+            left_pad: rows.iter().map(|&r| self.left_pad[r]).collect(),
+            cols: self.cols,
+            adapters: rows.iter().map(|&r| self.adapter(r)).collect(),
+        })
     }
 
     /// One batch of the rows of `states` (each batch 1), left-padded to the longest: row `i`
@@ -98,7 +113,7 @@ impl State {
             kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
         let left_pad = states.iter().map(|s| cols - s.cols + s.left_pad[0]).collect();
-        Ok(State { kv, left_pad, cols })
+        Ok(State { kv, left_pad, cols, adapters: states.iter().map(|s| s.adapter(0)).collect() })
     }
 }
 
@@ -111,6 +126,10 @@ pub struct Decoder {
     inv_freq: Vec<f32>,
     device: Device,
     dtype: DType,
+    /// LoRA adapters a row's state may name (`State::adapters`), unmerged.
+    adapters: Vec<Arc<LoraAdapter>>,
+    /// The adapter of every row of a new state (`--adapter`): the whole model is the adapted one.
+    default_adapter: Option<u16>,
 }
 
 fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
@@ -266,7 +285,18 @@ impl Decoder {
             w.linear(Name::LmHead, cfg.vocab_size, h)?
         };
         let embed = embed.to_dtype(dtype)?;
-        Ok(Self { inv_freq: inv_freq(&cfg)?, cfg, embed, layers, final_norm, lm_head, device: w.device.clone(), dtype })
+        Ok(Self {
+            inv_freq: inv_freq(&cfg)?,
+            cfg,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device: w.device.clone(),
+            dtype,
+            adapters: Vec::new(),
+            default_adapter: None,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -283,8 +313,70 @@ impl Decoder {
         self.device.is_cpu() && self.dtype == DType::F32
     }
 
+    /// A fresh state; every row gets the default adapter (none unless `--adapter`).
     pub fn new_state(&self, left_pad: Vec<usize>) -> State {
-        State { kv: vec![None; self.cfg.num_layers], left_pad, cols: 0 }
+        let adapters = vec![self.default_adapter; left_pad.len()];
+        State { kv: vec![None; self.cfg.num_layers], left_pad, cols: 0, adapters }
+    }
+
+    /// Makes `adapter` available to rows (its index in [`adapters`](Self::adapters)).
+    pub fn attach_adapter(&mut self, adapter: LoraAdapter) -> Result<u16> {
+        if self.adapters.len() >= u16::MAX as usize {
+            bail!("too many LoRA adapters");
+        }
+        self.adapters.push(Arc::new(adapter));
+        Ok((self.adapters.len() - 1) as u16)
+    }
+
+    /// The adapter new states give every row (`None` = the base model).
+    pub fn set_default_adapter(&mut self, id: Option<u16>) -> Result<()> {
+        if let Some(i) = id {
+            if i as usize >= self.adapters.len() {
+                bail!("adapter {i}: only {} attached", self.adapters.len());
+            }
+        }
+        self.default_adapter = id;
+        Ok(())
+    }
+
+    pub fn adapters(&self) -> &[Arc<LoraAdapter>] {
+        &self.adapters
+    }
+
+    pub fn default_adapter(&self) -> Option<u16> {
+        self.default_adapter
+    }
+
+    /// `lin · x` plus the LoRA update of every row whose adapter targets this projection. A row
+    /// without one gets the base projection's bits; each adapter's update runs on its own rows
+    /// with the batch-invariant kernels, so a row computes what it would alone.
+    fn project(&self, lin: &Linear, layer: usize, t: L, xs: &Tensor, rows: &[Option<u16>]) -> Result<Tensor> {
+        let mut y = lin.forward(xs)?;
+        if self.adapters.is_empty() {
+            return Ok(y);
+        }
+        let mut ids: Vec<u16> = rows.iter().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            let Some(pair) = self.adapters[id as usize].pair(layer, t) else { continue };
+            let sel: Vec<u32> = (0..rows.len()).filter(|&r| rows[r] == Some(id)).map(|r| r as u32).collect();
+            if sel.len() == rows.len() {
+                let d = pair.delta(xs)?.to_dtype(y.dtype())?;
+                y = (y + d)?;
+            } else {
+                let idx = Tensor::from_vec(sel.clone(), sel.len(), xs.device())?;
+                let d = pair.delta(&xs.index_select(&idx, 0)?)?.to_dtype(y.dtype())?;
+                y = y.index_add(&idx, &d, 0)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The prefix cache's root key for states of this decoder: prefixes computed under another
+    /// default adapter are other keys and values.
+    pub fn prefix_root(&self) -> Option<&str> {
+        self.default_adapter.map(|i| self.adapters[i as usize].hash.as_str())
     }
 
     /// cos/sin `[batch, seq, head_dim/2]` for columns `start..start+seq` of each row.
@@ -354,12 +446,13 @@ impl Decoder {
         let (b, seq, _) = xs.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &layer.attn;
-        let proj = |lin: &Linear, bias: &Option<Tensor>, heads: usize| {
-            split_heads(lin.forward(xs)?, bias, (b, seq, heads, hd))
+        let rows: Vec<Option<u16>> = (0..b).map(|r| state.adapter(r)).collect();
+        let proj = |lin: &Linear, t: L, bias: &Option<Tensor>, heads: usize| {
+            split_heads(self.project(lin, idx, t, xs, &rows)?, bias, (b, seq, heads, hd))
         };
-        let mut q = proj(&a.q, &a.q_bias, nh)?;
-        let mut k = proj(&a.k, &a.k_bias, nkv)?;
-        let v = proj(&a.v, &a.v_bias, nkv)?;
+        let mut q = proj(&a.q, L::Q, &a.q_bias, nh)?;
+        let mut k = proj(&a.k, L::K, &a.k_bias, nkv)?;
+        let v = proj(&a.v, L::V, &a.v_bias, nkv)?;
         // Qwen3: RMSNorm over each head's values (row-wise, so batch invariant), before RoPE.
         if let Some(n) = &a.q_norm {
             q = rms_norm(&q, n, cfg.rms_norm_eps)?;
@@ -392,7 +485,7 @@ impl Decoder {
             let out = kernels::with_f32(&q, |q| {
                 kernels::with_f32(&k, |k| kernels::with_f32(&v, |v| Ok(kernels::attention(q, k, v, &shape))))
             })?;
-            return a.o.forward(&Tensor::from_vec(out, (b, seq, nh * hd), &self.device)?);
+            return self.project(&a.o, idx, L::O, &Tensor::from_vec(out, (b, seq, nh * hd), &self.device)?, &rows);
         }
         let n_rep = nh / nkv;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
@@ -406,17 +499,18 @@ impl Decoder {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
-        a.o.forward(&out)
+        self.project(&a.o, idx, L::O, &out, &rows)
     }
 
-    fn mlp(&self, m: &Mlp, xs: &Tensor) -> Result<Tensor> {
-        let g = m.gate.forward(xs)?;
+    fn mlp(&self, m: &Mlp, idx: usize, xs: &Tensor, rows: &[Option<u16>]) -> Result<Tensor> {
+        let g = self.project(&m.gate, idx, L::Gate, xs, rows)?;
         let g = match self.cfg.activation {
             Activation::Silu => candle_nn::ops::silu(&g)?,
             Activation::GeluTanh => g.gelu()?,
             Activation::Gelu => g.gelu_erf()?,
         };
-        m.down.forward(&(g * m.up.forward(xs)?)?)
+        let h = (g * self.project(&m.up, idx, L::Up, xs, rows)?)?;
+        self.project(&m.down, idx, L::Down, &h, rows)
     }
 
     /// Embeds token ids `[batch, seq]` (`hook_embed` is after Gemma's scaling).
@@ -531,6 +625,7 @@ impl Decoder {
             None => self.rope_tables(state, seq)?,
         };
         // The CPU f32 attention kernel masks by itself.
+        let rows: Vec<Option<u16>> = (0..b).map(|r| state.adapter(r)).collect();
         let masked = !self.batch_invariant();
         let full_mask = if masked { self.mask(state, seq, None)? } else { None };
         let window_mask = match cfg.sliding_window {
@@ -550,7 +645,7 @@ impl Decoder {
             xs = (xs + h)?;
             let pre = layer.pre_ffn_norm.as_ref().unwrap_or(&layer.post_attn_norm);
             let h = rms_norm(&xs, pre, cfg.rms_norm_eps)?;
-            let mut h = self.mlp(&layer.mlp, &h)?;
+            let mut h = self.mlp(&layer.mlp, i, &h, &rows)?;
             if let Some(n) = &layer.post_ffn_norm {
                 h = rms_norm(&h, n, cfg.rms_norm_eps)?;
             }
@@ -574,6 +669,9 @@ impl Decoder {
     /// response skips most of the LM head.
     pub fn forward_train(&self, xs: &Tensor, from: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
+        if !self.adapters.is_empty() {
+            bail!("forward_train does not apply LoRA adapters; load the model without --adapter");
+        }
         if cfg.sliding_window.is_some() || cfg.post_norms {
             bail!("forward_train supports llama, qwen2, qwen3 and gemma decoders (no sliding window, no post-norms)");
         }

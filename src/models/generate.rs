@@ -142,12 +142,35 @@ pub fn generate(
     spec: &HookSpec,
     caps: &mut Captures,
 ) -> Result<Vec<Generation>> {
+    generate_routed(model, prompts, None, cfg, spec, caps)
+}
+
+/// [`generate`] with each row's LoRA adapter given (`adapters[r]`: an index into
+/// [`Decoder::adapters`], `None` = the base model) instead of the decoder's default: rows routed
+/// to different adapters in one batch, each computing what it would alone.
+pub fn generate_routed(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    adapters: Option<&[Option<u16>]>,
+    cfg: &GenerateConfig,
+    spec: &HookSpec,
+    caps: &mut Captures,
+) -> Result<Vec<Generation>> {
     for p in prompts {
         model.check_ids(p)?;
     }
     crate::models::memory::guard(model, prompts, cfg.max_new_tokens, spec)?;
     let (ids, pads) = left_pad(prompts, cfg.pad_id, model.device())?;
     let mut state = model.new_state(pads.clone());
+    if let Some(a) = adapters {
+        if a.len() != prompts.len() {
+            bail!("{} adapter choices for {} prompts", a.len(), prompts.len());
+        }
+        if let Some(bad) = a.iter().flatten().find(|&&i| i as usize >= model.adapters().len()) {
+            bail!("adapter {bad}: the model has {} attached", model.adapters().len());
+        }
+        state.adapters = a.to_vec();
+    }
     let logits = model.forward(&ids, &mut state, &StepInfo::prefill(pads), spec, caps, false)?;
     let rows: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
     continue_generation(model, &mut state, logits, &rows, cfg, spec, caps)

@@ -26,6 +26,9 @@ pub struct ModelInfo {
     /// there); `None` for a GGUF file.
     #[serde(skip)]
     pub dir: Option<std::path::PathBuf>,
+    /// `--adapter`: the LoRA adapter every row applies (`name@hash`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 impl ModelInfo {
@@ -46,6 +49,17 @@ pub struct LoadedModel {
     pub decoder: Decoder,
     pub tokenizer: Tokenizer,
     pub info: ModelInfo,
+}
+
+/// `--adapter [NAME=]DIR`: attaches a peft LoRA adapter to `decoder` as every row's default, so
+/// the whole model is the adapted one (unmerged: docs/probes.md), and records it in `info`.
+pub fn apply_adapter(decoder: &mut Decoder, info: &mut ModelInfo, spec: &str) -> Result<()> {
+    let (name, dir) = super::lora::parse_named(spec);
+    let a = super::lora::LoraAdapter::load(&name, &dir, &decoder.cfg, decoder.device(), decoder.dtype())
+        .with_context(|| format!("--adapter {spec}"))?;
+    info.adapter = Some(a.id());
+    let id = decoder.attach_adapter(a)?;
+    decoder.set_default_adapter(Some(id))
 }
 
 /// Loads a decoder (no tokenizer) from a transformers directory.
@@ -87,6 +101,14 @@ pub fn decoder_from_gguf(path: &Path, device: &Device, dtype: WeightDType) -> Re
 }
 
 impl LoadedModel {
+    /// [`apply_adapter`] on this model.
+    pub fn with_adapter(mut self, spec: Option<&str>) -> Result<Self> {
+        if let Some(s) = spec {
+            apply_adapter(&mut self.decoder, &mut self.info, s)?;
+        }
+        Ok(self)
+    }
+
     /// `spec`: a registry alias, a transformers directory or a `.gguf` file.
     pub fn load(spec: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
         let resolved = registry::resolve(spec)?;
@@ -113,6 +135,7 @@ impl LoadedModel {
             }
         };
         let info = ModelInfo {
+            adapter: None,
             name: r.name.clone(),
             checkpoint: r.checkpoint.clone(),
             dir: match &r.location {

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hooks;
 pub mod kernels;
+pub mod lora;
 pub mod prefix_cache;
 pub mod q8;
 pub mod qwen2_5_vl;

@@ -81,11 +81,11 @@ impl PrefixCache {
         CacheStats { blocks: self.blocks.len(), bytes: self.bytes, ..self.stats }
     }
 
-    /// The blocks of the longest cached prefix of `tokens`, marked as used.
-    fn longest(&mut self, tokens: &[u32]) -> Vec<u64> {
+    /// The blocks of the longest cached prefix of `tokens` under `root`, marked as used.
+    fn longest(&mut self, root: u64, tokens: &[u32]) -> Vec<u64> {
         self.tick += 1;
         let mut keys = Vec::new();
-        let mut parent = ROOT;
+        let mut parent = root;
         for chunk in tokens.chunks_exact(BLOCK) {
             let key = chain(parent, chunk);
             match self.blocks.get_mut(&key) {
@@ -102,8 +102,8 @@ impl PrefixCache {
 
     /// Stores the full blocks of `tokens` that `state` (batch 1, no padding, holding exactly
     /// `tokens`) has and the cache lacks, then evicts down to the bound.
-    fn insert(&mut self, tokens: &[u32], state: &State) -> Result<()> {
-        let mut parent = ROOT;
+    fn insert(&mut self, root: u64, tokens: &[u32], state: &State) -> Result<()> {
+        let mut parent = root;
         for (j, chunk) in tokens.chunks_exact(BLOCK).enumerate() {
             let key = chain(parent, chunk);
             if !self.blocks.contains_key(&key) {
@@ -144,7 +144,12 @@ impl PrefixCache {
 pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut PrefixCache>) -> Result<State> {
     let mut state = model.new_state(vec![0]);
     let mut cache = cache.filter(|c| c.enabled());
-    let keys = cache.as_deref_mut().map(|c| c.longest(tokens)).unwrap_or_default();
+    // The state's adapter (`--adapter`) changes every key and value: its own chains.
+    let root = match model.prefix_root() {
+        Some(adapter) => chain(ROOT, &adapter.bytes().map(u32::from).collect::<Vec<_>>()),
+        None => ROOT,
+    };
+    let keys = cache.as_deref_mut().map(|c| c.longest(root, tokens)).unwrap_or_default();
     let hit = keys.len() * BLOCK;
     if let (Some(c), false) = (cache.as_deref(), keys.is_empty()) {
         for (layer, e) in state.kv.iter_mut().enumerate() {
@@ -161,7 +166,7 @@ pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut Prefix
     if let Some(c) = cache {
         c.stats.hit_tokens += hit as u64;
         c.stats.computed_tokens += (tokens.len() - hit) as u64;
-        c.insert(tokens, &state)?;
+        c.insert(root, tokens, &state)?;
     }
     Ok(state)
 }

@@ -276,6 +276,7 @@ pub fn base_meta(features: &FeatureSet, point: &str) -> HeadMeta {
         model: m.model.clone(),
         checkpoint: m.checkpoint.clone(),
         weights_hash: m.weights_hash.clone(),
+        adapter: m.adapter.clone(),
         features: features.dir.display().to_string(),
         mean_resid_norm: 0.0,
         train: serde_json::Value::Null,

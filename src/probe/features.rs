@@ -101,6 +101,9 @@ pub struct Manifest {
     pub model_spec: String,
     pub checkpoint: String,
     pub weights_hash: String,
+    /// `--adapter`: the LoRA adapter (`name@hash`) of the model; absent for a plain model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     pub model_dtype: String,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -302,6 +305,7 @@ pub fn compute(model: &Loaded, data: &Dataset, opts: &Options, out: &Path) -> Re
         model_spec: opts.model_spec.clone(),
         checkpoint: info.checkpoint.clone(),
         weights_hash: info.weights_hash.clone(),
+        adapter: info.adapter.clone(),
         model_dtype: info.dtype.clone(),
         hidden_size: dec.cfg.hidden_size,
         num_layers: dec.cfg.num_layers,

@@ -7,7 +7,7 @@
 //! equals the trained head's probability on that prompt's features (tested). Rows gate
 //! independently: the decision becomes the row's coefficient (α or 0) in the batch's per-row
 //! coefficients, and α = 0 leaves a row bit-identical to no steering.
-use super::features::{self, Pool};
+use super::features::Pool;
 use super::head::Head;
 use crate::models::decoder::Decoder;
 use crate::models::engine::Engine;
@@ -49,28 +49,9 @@ impl Gate {
         Ok(Self { head, class, threshold, point })
     }
 
-    /// Refuses a model whose hidden size differs; warns when the weights differ from the ones
-    /// the head was trained on.
+    /// [`Head::check_model`], for the gate's head.
     pub fn check_model(&self, info: &ModelInfo) -> Result<()> {
-        if info.hidden_size != self.head.meta.hidden_size {
-            bail!(
-                "the gate head expects hidden size {} ({}), the model {} has {}",
-                self.head.meta.hidden_size,
-                self.head.meta.model,
-                info.name,
-                info.hidden_size
-            );
-        }
-        if info.weights_hash != self.head.meta.weights_hash {
-            tracing::warn!(
-                "the gate head was trained on {} (weights {}), the run uses {} (weights {})",
-                self.head.meta.model,
-                self.head.meta.weights_hash,
-                info.name,
-                info.weights_hash
-            );
-        }
-        Ok(())
+        self.head.check_model(info).context("--gate")
     }
 
     /// The hook point the run loop must capture on the step's prefill.
@@ -85,17 +66,15 @@ impl Gate {
 
     /// The decision for one already pooled feature `[hidden]`.
     pub fn decide_pooled(&self, x: &[f32]) -> Result<GateDecision> {
-        let p = self.head.probs(x)?;
-        let probability = p.first().context("no probability")?[self.class];
+        let probability = self.head.probs(x)?.first().context("no probability")?[self.class];
         Ok(GateDecision { probability, on: probability >= self.threshold })
     }
 
     /// The decision for one row's states at the gate's point over its real prompt tokens
     /// (`[tokens, hidden]`, padding removed); `image` marks image tokens (VLM rows).
     pub fn decide_states(&self, states: &Tensor, image: &[bool]) -> Result<GateDecision> {
-        let x = states.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let pooled = features::pool(&x, self.head.meta.pool, image)?;
-        self.decide_pooled(&pooled.to_vec1::<f32>()?)
+        let probability = self.head.probs_of_states(states, image)?[self.class];
+        Ok(GateDecision { probability, on: probability >= self.threshold })
     }
 
     /// One decision per model input (unsteered): what `run --gate` reads on every steered row.

@@ -40,6 +40,9 @@ pub struct HeadMeta {
     pub model: String,
     pub checkpoint: String,
     pub weights_hash: String,
+    /// `--adapter`: the LoRA adapter (`name@hash`) of the model; absent for a plain model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     pub features: String,
     /// Mean L2 norm of the raw features over the training rows (the unit of relative coefficients).
     pub mean_resid_norm: f32,
@@ -79,6 +82,41 @@ impl Head {
 
     pub fn num_classes(&self) -> usize {
         self.meta.classes.len()
+    }
+
+    /// Refuses a model whose hidden size differs; warns when its weights (or adapter) differ from
+    /// the ones the head was trained on.
+    pub fn check_model(&self, info: &crate::models::load::ModelInfo) -> Result<()> {
+        if info.hidden_size != self.meta.hidden_size {
+            bail!(
+                "the head expects hidden size {} ({}), the model {} has {}",
+                self.meta.hidden_size,
+                self.meta.model,
+                info.name,
+                info.hidden_size
+            );
+        }
+        if info.weights_hash != self.meta.weights_hash || info.adapter != self.meta.adapter {
+            tracing::warn!(
+                "the head was trained on {} (weights {}, adapter {:?}), this model is {} (weights {}, adapter {:?})",
+                self.meta.model,
+                self.meta.weights_hash,
+                self.meta.adapter,
+                info.name,
+                info.weights_hash,
+                info.adapter
+            );
+        }
+        Ok(())
+    }
+
+    /// Class probabilities of one prompt from its states at the head's point over its real tokens
+    /// (`[tokens, hidden]`, any dtype or device), pooled as the head's features were; `image`
+    /// marks image tokens (VLM rows).
+    pub fn probs_of_states(&self, states: &Tensor, image: &[bool]) -> Result<Vec<f32>> {
+        let x = states.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let pooled = super::features::pool(&x, self.meta.pool, image)?;
+        self.probs(&pooled.to_vec1::<f32>()?)?.pop().context("no probabilities")
     }
 
     pub fn class_index(&self, class: &str) -> Result<usize> {
@@ -193,6 +231,7 @@ impl Head {
             created: crate::steering::vector::now(),
             read: None,
             protocol: None,
+            adapter: self.meta.adapter.clone(),
         };
         Ok(SteeringVector { layers: [(layer, Tensor::from_vec(d, h, &Device::Cpu)?)].into(), meta })
     }

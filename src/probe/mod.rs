@@ -14,6 +14,8 @@
 //!   the majority-class baseline beside the accuracy, and a warning when one class takes ≥ 90% of
 //!   the predictions; `sweep` trains and evaluates every layer.
 //! - [`gate`]: steering gated by a probe: class probability at the head's hook point on a prompt.
+//! - [`route`]: a router head picks a LoRA adapter per prompt; rows of different adapters generate
+//!   in one batch.
 //!
 //! Layer numbering as everywhere: `blocks.{i}.hook_resid_post` is the output of decoder layer i,
 //! transformers' `hidden_states[i + 1]`.
@@ -22,6 +24,7 @@ pub mod eval;
 pub mod features;
 pub mod gate;
 pub mod head;
+pub mod route;
 pub mod train;
 
 pub use features::{FeatureSet, Pool};

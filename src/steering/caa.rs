@@ -315,6 +315,7 @@ pub fn compute<E: Engine>(
             created: now(),
             read: (opts.read != ReadPoint::ResidPost).then(|| opts.read.name().to_string()),
             protocol: opts.protocol.clone(),
+            adapter: info.adapter.clone(),
         },
     })
 }

@@ -37,6 +37,9 @@ pub struct VectorMeta {
     /// without protocols (they used today's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// `--adapter`: the LoRA adapter (`name@hash`) of the model; absent for a plain model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +178,15 @@ impl SteeringVector {
                 info.num_layers
             );
         }
+        if self.meta.adapter != info.adapter && !allow_foreign {
+            let name = |a: &Option<String>| a.clone().unwrap_or_else(|| "no adapter".into());
+            bail!(
+                "steering vector was computed on {} with {}, this model has {}; pass --allow-foreign-vector (run, generate) to use it anyway",
+                self.meta.model,
+                name(&self.meta.adapter),
+                name(&info.adapter)
+            );
+        }
         if self.meta.weights_hash != info.weights_hash && !allow_foreign {
             bail!(
                 "steering vector was computed on {} (weights {}), not on {} (weights {}); pass --allow-foreign-vector (run, generate) to use it anyway",
@@ -308,6 +320,7 @@ impl SteeringVector {
                 created: now(),
                 read: None,
                 protocol: None,
+                adapter: info.adapter.clone(),
             },
         })
     }

@@ -93,6 +93,7 @@ fn settings(
         protocol: miniwob_steer::protocol::Protocol::default_protocol(),
         plan: None,
         gate: None,
+        adapter: None,
     })
 }
 

@@ -144,6 +144,7 @@ impl Qwen2Vl {
             );
         }
         let info = ModelInfo {
+            adapter: None,
             name: name.to_string(),
             checkpoint: checkpoint.to_string(),
             dir: Some(dir.to_path_buf()),
