@@ -243,38 +243,9 @@ fn run_cli(args: &[&str]) -> String {
     format!("{out}{err}")
 }
 
-/// A seeded random rank-4 adapter on smollm2-135m's q/v projections (576 wide, 3 kv heads of
-/// 64), written as peft writes one: strong enough to change greedy outputs.
+/// smollm2-135m: 30 layers, 576 wide, 9 heads and 3 kv heads of 64.
 fn smollm2_adapter(dir: &Path, seed: u64) {
-    use rand::{Rng, SeedableRng};
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut normal = |n: usize, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
-                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos() * scale
-            })
-            .collect()
-    };
-    let mut t = HashMap::new();
-    for l in 0..30 {
-        for (proj, out) in [("q_proj", 576), ("v_proj", 192)] {
-            let k = format!("base_model.model.model.layers.{l}.self_attn.{proj}");
-            t.insert(
-                format!("{k}.lora_A.weight"),
-                Tensor::from_vec(normal(4 * 576, 0.04), (4, 576), &Device::Cpu).unwrap(),
-            );
-            t.insert(
-                format!("{k}.lora_B.weight"),
-                Tensor::from_vec(normal(out * 4, 0.5), (out, 4), &Device::Cpu).unwrap(),
-            );
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
-    let c = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "use_dora": false, "use_rslora": false, "modules_to_save": null, "fan_in_fan_out": false});
-    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+    common::random_adapter(dir, 30, 576, 576, 192, seed);
 }
 
 fn jsonl(p: &Path) -> Vec<serde_json::Value> {

@@ -11,7 +11,7 @@ use miniwob_steer::models::load::Loaded;
 use miniwob_steer::probe::eval;
 use miniwob_steer::probe::features::FeatureSet;
 use miniwob_steer::probe::gate::Gate;
-use miniwob_steer::probe::head::{Head, HeadMeta};
+use miniwob_steer::probe::head::Head;
 use miniwob_steer::probe::train::{self, ClassWeights, TrainConfig};
 use miniwob_steer::probe::{HeadKind, Pool};
 use rand::{Rng, SeedableRng};
@@ -30,28 +30,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn meta(hidden: usize, classes: usize) -> HeadMeta {
-    HeadMeta {
-        head: HeadKind::Linear,
-        classes: (0..classes).map(|c| format!("c{c}")).collect(),
-        hook_point: "blocks.0.hook_resid_post".into(),
-        pool: Pool::Last,
-        chat: true,
-        hidden_size: hidden,
-        num_layers: 1,
-        model: "synthetic".into(),
-        checkpoint: "none".into(),
-        weights_hash: "0".into(),
-        adapter: None,
-        features: "none".into(),
-        mean_resid_norm: 0.0,
-        train: Value::Null,
-        best_epoch: 0,
-        best_val_loss: None,
-        epochs_run: 0,
-        created: String::new(),
-    }
-}
+use common::head_meta as meta;
 
 fn gauss(rng: &mut rand::rngs::StdRng) -> f32 {
     let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
@@ -486,22 +465,6 @@ fn probe_data_from_real_chromium() {
 
 /// A head that gives class `on` probability ≈ 1 (`on = true`) or ≈ 0 whatever the input: the
 /// gate's two extremes, whose runs must equal the ungated steered run and the baseline.
-fn constant_head(path: &Path, hidden: usize, layer: usize, on: bool) {
-    let mut m = meta(hidden, 2);
-    m.classes = vec!["on".into(), "off".into()];
-    m.hook_point = format!("blocks.{layer}.hook_resid_post");
-    m.model = "smollm2-135m".into();
-    let b = if on { vec![10.0, -10.0] } else { vec![-10.0, 10.0] };
-    let head = Head {
-        meta: m,
-        mean: vec![0.0; hidden],
-        std: vec![1.0; hidden],
-        params: vec![vec![0.0; 2 * hidden], b],
-        split: miniwob_steer::probe::head::Split { train: vec![0], val: vec![], test: vec![] },
-    };
-    head.save(path).unwrap();
-}
-
 /// Issue 21.6: `run --gate` on real Chromium with smollm2: a gate that is always on gives the
 /// ungated steered outputs, one that is always off gives the baseline's (α = 0 is bit-identical
 /// to no steering), and every steered line records each step's probability and decision.
@@ -509,8 +472,8 @@ fn constant_head(path: &Path, hidden: usize, layer: usize, on: bool) {
 fn gated_steering_end_to_end_on_smollm2() {
     let dir = tempfile::tempdir().unwrap();
     let (on, off) = (dir.path().join("on.safetensors"), dir.path().join("off.safetensors"));
-    constant_head(&on, 576, 15, true);
-    constant_head(&off, 576, 15, false);
+    common::constant_head(&on, 576, 15, true, Pool::Last);
+    common::constant_head(&off, 576, 15, false, Pool::Last);
     let base = [
         "run",
         "--model",

@@ -312,3 +312,56 @@ fn vlm_flag_with_a_text_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--vlm needs a vision-language model"), "{err}");
 }
+
+/// Issue 21 on the tiny Qwen2-VL with screenshots: `run --vlm --gate` with a head that pools the
+/// image tokens (always on: the ungated steered outputs; always off: the baseline's), and
+/// `run --vlm --adapter` (a LoRA on the LLM layers: other outputs, the adapter in every line).
+#[test]
+fn run_vlm_with_a_gate_and_an_adapter() {
+    require_assets();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::fixture("tiny-qwen2-vl");
+    let (on, off, lora) = (tmp.path().join("on.st"), tmp.path().join("off.st"), tmp.path().join("lora"));
+    common::constant_head(&on, 64, 1, true, miniwob_steer::probe::Pool::ImageMean);
+    common::constant_head(&off, 64, 1, false, miniwob_steer::probe::Pool::ImageMean);
+    common::random_adapter(&lora, 3, 64, 64, 32, 3);
+    let go = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = tmp.path().join(format!("{name}.jsonl"));
+        let o = Command::new(BIN)
+            .args(["run", "--vlm", "--model"])
+            .arg(&dir)
+            .args(["--device", "cpu", "--dtype", "f32", "--tasks", "click-test,click-button", "--eval-steps", "2"])
+            .args(["--train-steps", "2", "--coeff", "8", "--max-new-tokens", "8", "--no-progress", "--out"])
+            .arg(&out)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "run --vlm {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let outputs = |ls: &[serde_json::Value], cond: &str| -> Vec<(String, u64, String)> {
+        let mut v: Vec<_> = ls
+            .iter()
+            .filter(|l| l["condition"] == cond)
+            .map(|l| {
+                (l["task"].as_str().unwrap().into(), l["seed"].as_u64().unwrap(), l["output"].as_str().unwrap().into())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let plain = go("plain", &[]);
+    assert_ne!(outputs(&plain, "steered"), outputs(&plain, "baseline"), "α = 8 changes some output");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let gated_on = go("on", &["--gate", &s(&on), "--gate-class", "on"]);
+    assert_eq!(outputs(&gated_on, "steered"), outputs(&plain, "steered"));
+    let gated_off = go("off", &["--gate", &s(&off), "--gate-class", "on"]);
+    assert_eq!(outputs(&gated_off, "steered"), outputs(&plain, "baseline"));
+    for l in gated_on.iter().chain(&gated_off).filter(|l| l["condition"] == "steered") {
+        assert_eq!(l["gate"].as_array().unwrap().len(), l["steps"].as_u64().unwrap() as usize, "{l}");
+    }
+    let adapted = go("lora", &["--adapter", &format!("tiny={}", s(&lora))]);
+    assert!(adapted.iter().all(|l| l["adapter"].as_str().unwrap().starts_with("tiny@")));
+    assert_ne!(outputs(&adapted, "baseline"), outputs(&plain, "baseline"), "the adapter changed no output");
+}

@@ -58,3 +58,81 @@ pub fn group_alive(pgid: i32) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Head metadata for synthetic heads: a linear head over `hidden` features, `classes` classes.
+pub fn head_meta(hidden: usize, classes: usize) -> miniwob_steer::probe::head::HeadMeta {
+    miniwob_steer::probe::head::HeadMeta {
+        head: miniwob_steer::probe::HeadKind::Linear,
+        classes: (0..classes).map(|c| format!("c{c}")).collect(),
+        hook_point: "blocks.0.hook_resid_post".into(),
+        pool: miniwob_steer::probe::Pool::Last,
+        chat: true,
+        hidden_size: hidden,
+        num_layers: 1,
+        model: "synthetic".into(),
+        checkpoint: "none".into(),
+        weights_hash: "0".into(),
+        adapter: None,
+        features: "none".into(),
+        mean_resid_norm: 0.0,
+        train: serde_json::Value::Null,
+        best_epoch: 0,
+        best_val_loss: None,
+        epochs_run: 0,
+        created: String::new(),
+    }
+}
+
+/// A head whose p(`on`) is ≈1 (`on`) or ≈0 for every input: a gate that is always on or off.
+pub fn constant_head(path: &std::path::Path, hidden: usize, layer: usize, on: bool, pool: miniwob_steer::probe::Pool) {
+    let mut m = head_meta(hidden, 2);
+    m.pool = pool;
+    m.classes = vec!["on".into(), "off".into()];
+    m.hook_point = format!("blocks.{layer}.hook_resid_post");
+    m.model = "smollm2-135m".into();
+    let b = if on { vec![10.0, -10.0] } else { vec![-10.0, 10.0] };
+    let head = miniwob_steer::probe::Head {
+        meta: m,
+        mean: vec![0.0; hidden],
+        std: vec![1.0; hidden],
+        params: vec![vec![0.0; 2 * hidden], b],
+        split: miniwob_steer::probe::head::Split { train: vec![0], val: vec![], test: vec![] },
+    };
+    head.save(path).unwrap();
+}
+
+/// A seeded random peft-format LoRA adapter on the q/v projections of every layer of a decoder
+/// (`q` and `kv` output widths), rank 4, strong enough to change greedy outputs.
+pub fn random_adapter(dir: &std::path::Path, layers: usize, hidden: usize, q: usize, kv: usize, seed: u64) {
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut normal = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos() * scale
+            })
+            .collect()
+    };
+    let mut t = std::collections::HashMap::new();
+    let a_scale = 1.0 / (hidden as f32).sqrt();
+    for l in 0..layers {
+        for (proj, out) in [("q_proj", q), ("v_proj", kv)] {
+            let k = format!("base_model.model.model.layers.{l}.self_attn.{proj}");
+            t.insert(
+                format!("{k}.lora_A.weight"),
+                Tensor::from_vec(normal(4 * hidden, a_scale), (4, hidden), &Device::Cpu).unwrap(),
+            );
+            t.insert(
+                format!("{k}.lora_B.weight"),
+                Tensor::from_vec(normal(out * 4, 0.5), (out, 4), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+    let c = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "bias": "none", "use_dora": false, "use_rslora": false, "modules_to_save": null, "fan_in_fan_out": false});
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+}
