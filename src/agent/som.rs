@@ -14,15 +14,20 @@ impl AgentModel for Qwen2Vl {
         let img = view.screenshot.context("a VLM turn needs the Set-of-Marks screenshot")?;
         let text = prompts.user_text(view.obs, view.history, view.step, true, suffix)?;
         let input = self.user_prompt_with(std::slice::from_ref(img), &text, prompts.vlm_system()?)?;
-        let mut h = Sha256::new();
-        h.update(text.as_bytes());
-        h.update(img.width().to_le_bytes());
-        h.update(img.height().to_le_bytes());
-        h.update(img.as_raw());
-        Ok(Turn { input, hash: hex::encode(&h.finalize()[..8]) })
+        Ok(Turn { input, hash: screenshot_hash(&text, img) })
     }
 
     fn image_grid(input: &VlmInput) -> Option<[usize; 3]> {
         input.images.first().map(|i| i.grid_thw)
     }
+}
+
+/// A screenshot turn's `prompt_hash`: the text and the image's size and pixels.
+pub fn screenshot_hash(text: &str, img: &image::RgbImage) -> String {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    h.update(img.width().to_le_bytes());
+    h.update(img.height().to_le_bytes());
+    h.update(img.as_raw());
+    hex::encode(&h.finalize()[..8])
 }

@@ -47,6 +47,16 @@ pub fn run_settings(
 ) -> Result<Summary> {
     let given = preflight(s)?;
     let device = parse_device(&s.device)?;
+    // A graft directory (`graft init`): Qwen2.5-VL's tower and an adapter on another LM.
+    if crate::graft::is_graft_dir(Path::new(&s.model)) {
+        let mut model = crate::graft::Hybrid::load(Path::new(&s.model), &device, s.dtype)?;
+        if let Some(a) = &s.adapter {
+            crate::models::load::apply_adapter(&mut model.decoder, &mut model.info, a)?;
+        }
+        let model = Arc::new(model);
+        let probe = lens.map(|(dir, l)| lens_probe(dir, l, s, &model.info)).transpose()?;
+        return execute(s, model, given, vector_cache, progress, probe);
+    }
     if vlm || is_vlm_model(&s.model) {
         if !is_vlm_model(&s.model) {
             bail!(

@@ -12,6 +12,7 @@
 //! embeddings. Positions are the LM's plain 1-D ones (Qwen3 has no M-RoPE). docs/graft.md.
 pub mod bench;
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod init;
 pub mod train;
@@ -198,7 +199,7 @@ pub fn splice_embeds(
 }
 
 /// One prompt row of the hybrid: token ids (the image pad expanded) and its image, if any.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HybridInput {
     pub ids: Vec<u32>,
     pub image: Option<Processed>,
@@ -214,6 +215,8 @@ pub struct Hybrid {
     pub processor: ProcessorConfig,
     pub adapter: Adapter,
     pub info: ModelInfo,
+    /// Qwen3's `enable_thinking` for agent turns (`None`: the chat template's default).
+    pub thinking: Option<bool>,
 }
 
 impl Hybrid {
@@ -264,7 +267,7 @@ impl Hybrid {
             hidden_size: decoder.cfg.hidden_size,
             batch_invariant: decoder.batch_invariant(),
         };
-        Ok(Self { dir: dir.to_path_buf(), cfg, vision, decoder, tokenizer, processor, adapter, info })
+        Ok(Self { dir: dir.to_path_buf(), cfg, vision, decoder, tokenizer, processor, adapter, info, thinking: None })
     }
 
     pub fn device(&self) -> &Device {
@@ -274,9 +277,22 @@ impl Hybrid {
     /// The rendered chat prompt of one user turn (the image placeholder first, then `text`),
     /// before pad expansion. `enable_thinking` is the chat template's switch (`None`: default).
     pub fn render_prompt(&self, with_image: bool, text: &str, enable_thinking: Option<bool>) -> Result<String> {
+        self.render_prompt_with(with_image, text, None, enable_thinking)
+    }
+
+    /// [`render_prompt`](Self::render_prompt) after an optional system turn.
+    pub fn render_prompt_with(
+        &self,
+        with_image: bool,
+        text: &str,
+        system: Option<&str>,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
         let content =
             if with_image { format!("{VISION_START}{IMAGE_PAD}{VISION_END}{text}") } else { text.to_string() };
-        self.tokenizer.apply_chat_template_thinking(&[ChatMessage::new("user", &content)], true, enable_thinking)
+        let mut messages: Vec<ChatMessage> = system.map(|s| ChatMessage::new("system", s)).into_iter().collect();
+        messages.push(ChatMessage::new("user", &content));
+        self.tokenizer.apply_chat_template_thinking(&messages, true, enable_thinking)
     }
 
     /// Tokenizes a rendered prompt, the image pad repeated once per merged vision token.
@@ -300,7 +316,18 @@ impl Hybrid {
         text: &str,
         enable_thinking: Option<bool>,
     ) -> Result<HybridInput> {
-        let rendered = self.render_prompt(image.is_some(), text, enable_thinking)?;
+        self.user_prompt_with(image, text, None, enable_thinking)
+    }
+
+    /// [`user_prompt`](Self::user_prompt) after an optional system turn.
+    pub fn user_prompt_with(
+        &self,
+        image: Option<&RgbImage>,
+        text: &str,
+        system: Option<&str>,
+        enable_thinking: Option<bool>,
+    ) -> Result<HybridInput> {
+        let rendered = self.render_prompt_with(image.is_some(), text, system, enable_thinking)?;
         let processed = image.map(|i| processor::process(i, &self.processor)).transpose()?;
         self.encode(&rendered, processed)
     }

@@ -60,6 +60,7 @@ fn measure(
     batch: usize,
     new_tokens: usize,
     spec: &HookSpec,
+    adapters: &[Option<u16>],
     reps: usize,
 ) -> Result<Speed> {
     let mut pre = Vec::new();
@@ -69,6 +70,9 @@ fn measure(
     for rep in 0..=reps {
         let (ids, pads) = left_pad(&prompts, 0, d.device())?;
         let mut st = d.new_state(pads.clone());
+        if !adapters.is_empty() {
+            st.adapters = adapters.to_vec();
+        }
         let mut caps = Captures::default();
         let t0 = Instant::now();
         let logits = d.forward(&ids, &mut st, &StepInfo::prefill(pads), spec, &mut caps, false)?;
@@ -130,8 +134,18 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     let mut peer_speeds: std::collections::HashMap<&str, Option<Speed>> = Default::default();
     let mut header = false;
     for dtype in dtypes {
-        let args = ModelArgs { dtype: dtype.into(), ..a.model.clone() };
-        let m = args.load()?;
+        let args = ModelArgs { dtype: dtype.into(), adapter: None, ..a.model.clone() };
+        let mut m = args.load()?;
+        // `--adapter`: attached beside the plain model, so both are measured in this invocation.
+        let lora = match &a.model.adapter {
+            Some(spec) => {
+                let (name, dir) = miniwob_steer::models::lora::parse_named(spec);
+                let d = &m.decoder;
+                let ad = miniwob_steer::models::lora::LoraAdapter::load(&name, &dir, &d.cfg, d.device(), d.dtype())?;
+                Some(m.decoder.attach_adapter(ad)?)
+            }
+            None => None,
+        };
         let d = &m.decoder;
         let layer = registry::parse_layer(&a.layer, d.cfg.num_layers)?;
         // A deterministic prompt of exactly `prompt_tokens` tokens.
@@ -162,21 +176,31 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
             header = true;
         }
         for &batch in &a.batch {
-            let configs = [
-                ("none", HookSpec::none()),
-                (
-                    "steer",
-                    HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![a.coeff; batch], Positions::Last),
-                ),
+            let steer =
+                HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![a.coeff; batch], Positions::Last);
+            let mut configs = vec![
+                ("none", HookSpec::none(), vec![]),
+                ("steer", steer.clone(), vec![]),
                 (
                     "zero",
                     HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![0.0; batch], Positions::Last),
+                    vec![],
                 ),
             ];
-            for (name, spec) in &configs {
-                let s = measure(d, &ids, batch, a.new_tokens, spec, a.reps)?;
+            if let Some(id) = lora {
+                configs.push(("lora", HookSpec::none(), vec![Some(id); batch]));
+                configs.push(("lora+steer", steer, vec![Some(id); batch]));
+                if batch > 1 {
+                    // One row adapted, the others plain: a routed batch.
+                    let mut mixed = vec![None; batch];
+                    mixed[0] = Some(id);
+                    configs.push(("lora 1 row", HookSpec::none(), mixed));
+                }
+            }
+            for (name, spec, adapters) in &configs {
+                let s = measure(d, &ids, batch, a.new_tokens, spec, adapters, a.reps)?;
                 let p = match (&python, a.no_peer, batch) {
-                    (Some(py), false, 1) => *peer_speeds.entry(name).or_insert_with(|| {
+                    (Some(py), false, 1) if adapters.is_empty() => *peer_speeds.entry(name).or_insert_with(|| {
                         peer(&a, py, &resolved.location, layer, name).map_err(|e| eprintln!("peer skipped: {e:#}")).ok()
                     }),
                     _ => None,
@@ -203,6 +227,11 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         println!("(peer not run: no target/py venv; create it with scripts/goldens/venv.sh)");
     }
     println!("steering overhead = `steer` row / `none` row of the same dtype and batch");
+    if a.model.adapter.is_some() {
+        println!(
+            "LoRA overhead = `lora` row / `none` row (unmerged, every row adapted; `lora 1 row`: one row of the batch)"
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,131 @@
+//! The hybrid (tiny Qwen2.5-VL tower on tiny Qwen3, `graft init`) as a model of the episode
+//! pipeline: `Engine::generate` on a batch of rows (shared prefixes forked, per-row steering)
+//! gives each row the bits of `Hybrid::generate` alone, with the `last` selector and with others;
+//! captured image states are the prefill's; and `run --vlm --model <graft dir>` runs paired
+//! episodes on real Chromium and resumes.
+mod common;
+
+use candle_core::{Device, Tensor};
+use miniwob_steer::graft::init::{init, InitOptions};
+use miniwob_steer::graft::Hybrid;
+use miniwob_steer::models::engine::Engine;
+use miniwob_steer::models::generate::GenerateConfig;
+use miniwob_steer::models::hooks::{AddIntervention, Captures, HookPoint, HookSpec, Positions};
+use miniwob_steer::models::prefix_cache::PrefixCache;
+use miniwob_steer::models::WeightDType;
+use std::path::Path;
+
+fn hybrid(dir: &Path) -> Hybrid {
+    init(&InitOptions {
+        vision: common::fixture("tiny-qwen2.5-vl"),
+        lm: common::fixture("tiny-qwen3"),
+        out: dir.to_path_buf(),
+        seed: 3,
+        force: true,
+    })
+    .unwrap();
+    Hybrid::load(dir, &Device::Cpu, WeightDType::F32).unwrap()
+}
+
+fn one_row(spec: &HookSpec, r: usize) -> HookSpec {
+    HookSpec {
+        captures: vec![],
+        interventions: spec
+            .interventions
+            .iter()
+            .map(|iv| AddIntervention { coeffs: vec![iv.coeffs[r]], ..iv.clone() })
+            .collect(),
+    }
+}
+
+#[test]
+fn batched_rows_are_each_row_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let hy = hybrid(dir.path());
+    let img = image::open(common::fixture("tiny-graft").join("tall.png")).unwrap().to_rgb8();
+    let a = hy.user_prompt(Some(&img), "What does the button say?", Some(false)).unwrap();
+    let b = hy.user_prompt(Some(&img), "Which element holds the text?", Some(false)).unwrap();
+    let c = hy.user_prompt(None, "No image here.", Some(false)).unwrap();
+    let h = hy.decoder.cfg.hidden_size;
+    let v = Tensor::from_vec((0..h).map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0).collect::<Vec<_>>(), h, &Device::Cpu)
+        .unwrap();
+    let cfg = GenerateConfig { max_new_tokens: 6, ..Default::default() };
+    let rows = [&a, &a, &b, &c, &a];
+    let coeffs = vec![0.0, 6.0, 6.0, 6.0, -6.0];
+    let point = HookPoint::ResidPost(1);
+    for positions in [Positions::Last, Positions::All] {
+        let spec = HookSpec::none().add(point, v.clone(), coeffs.clone(), positions);
+        let out = Engine::generate(&hy, &rows, &cfg, &spec, &mut PrefixCache::new(0), Some(point)).unwrap();
+        for (r, input) in rows.iter().enumerate() {
+            let alone = hy.generate(input, &cfg, &one_row(&spec, r)).unwrap();
+            assert_eq!(out[r].generation, alone, "{positions:?}: row {r} differs from itself alone");
+        }
+        assert_ne!(out[0].generation.logits_hash, out[1].generation.logits_hash, "steering changed nothing");
+        // Captured image states: the unsteered prefill's states at the image positions.
+        let mut caps = Captures::default();
+        hy.prefill(&a, &HookSpec::none().capture(point), &mut caps).unwrap();
+        let mask = hy.image_mask(&a);
+        let cols: Vec<u32> = (0..mask.len()).filter(|&i| mask[i]).map(|i| i as u32).collect();
+        let n = cols.len();
+        let want = caps
+            .get(point)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .index_select(&Tensor::from_vec(cols, n, &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let got = out[0].image_states.as_ref().unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        if positions == Positions::Last {
+            assert_eq!(bits(got), bits(&want), "image states of the forked prefix");
+        }
+        assert!(out[3].image_states.as_ref().is_none_or(|t| t.dim(0).unwrap() == 0), "a text row has no image states");
+    }
+    // The states a gate reads: the prefill's, every prompt token.
+    let s = hy.prompt_states(&[&a, &c], point).unwrap();
+    assert_eq!(s[0].dims(), [a.ids.len(), h]);
+    assert_eq!(s[1].dims(), [c.ids.len(), h]);
+}
+
+#[test]
+fn run_vlm_on_a_graft_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    hybrid(&dir.path().join("hybrid"));
+    let out = dir.path().join("g.jsonl");
+    let go = || {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+            .args(["run", "--vlm", "--model"])
+            .arg(dir.path().join("hybrid"))
+            .args(["--device", "cpu", "--dtype", "f32", "--tasks", "click-test", "--eval-steps", "2"])
+            .args([
+                "--train-steps",
+                "2",
+                "--coeff",
+                "4",
+                "--layer",
+                "1",
+                "--max-new-tokens",
+                "6",
+                "--no-progress",
+                "--out",
+            ])
+            .arg(&out)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "run --vlm (graft): {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&out).unwrap()
+    };
+    let text = go();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "1 task × 2 seeds × (baseline + steered)");
+    for l in &lines {
+        assert_eq!(l["vlm"], true);
+        assert_eq!(l["hook_point"], "blocks.1.hook_resid_post");
+        assert!(l["weights_hash"].as_str().unwrap().contains('+'), "the hybrid's three-part hash: {l}");
+        assert!(l["tokens_in"].as_u64().unwrap() > 100, "the screenshot's image tokens are in the prompt: {l}");
+    }
+    assert_eq!(go(), text, "a rerun adds nothing");
+}
