@@ -131,3 +131,26 @@ fn training_forward_matches_the_inference_forward() {
     let g = grads.get(x.as_tensor()).expect("no gradient for the input embeddings");
     assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
 }
+
+/// The tiny Qwen3 converted to GGUF by llama.cpp's own `gguf` package (its qwen3 tensor-name
+/// map, `qwen3.attention.key_length` = 16 ≠ hidden/heads; scripts/goldens/qwen3_gguf.py)
+/// against the transformers references of the safetensors checkpoint: f32 tensors read as f32
+/// within the f32 tolerance with greedy tokens identical; Q8_0 kept quantized (our 8-bit kernel)
+/// by cosine.
+#[test]
+fn gguf_conversions_match_transformers() {
+    let dir = common::fixture(FIXTURE);
+    for (file, dtype, exact) in
+        [("model-f32.gguf", WeightDType::F32, true), ("model-q8_0.gguf", WeightDType::Gguf, false)]
+    {
+        let rows = goldens::check_tiny_gguf(&dir.join(file), &dir, &Device::Cpu, dtype, exact).unwrap();
+        assert!(rows.iter().any(|r| r.check.starts_with("blocks.2.hook_resid_post")));
+        if exact {
+            assert!(rows.iter().any(|r| r.check == "greedy_ids"), "{file}: greedy not checked");
+        }
+        for r in rows {
+            eprintln!("{file}: {} {} = {} (limit {})", r.check, r.metric, r.value, r.limit);
+            assert!(r.passed, "{file}: {}: {} = {} (needs {}) {}", r.check, r.metric, r.value, r.limit, r.detail);
+        }
+    }
+}

@@ -228,10 +228,27 @@ fn top1_rows(ours: &Tensor, reference: &Tensor) -> Result<(usize, usize, String)
 pub fn check_tiny(dir: &Path, device: &Device, dtype: WeightDType) -> Result<Vec<CheckRow>> {
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let (d, _) = decoder_from_dir(dir, device, dtype).with_context(|| format!("loading {}", dir.display()))?;
+    check_decoder(&name, &d, dir, dtype == WeightDType::F32)
+}
+
+/// [`check_tiny`] for a GGUF conversion of the checkpoint in `dir` (its references are the
+/// safetensors checkpoint's); `exact` for unquantized tensors read as f32, else cosine checks.
+pub fn check_tiny_gguf(gguf: &Path, dir: &Path, device: &Device, dtype: WeightDType, exact: bool) -> Result<Vec<CheckRow>> {
+    let name = format!(
+        "{} ({})",
+        dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        gguf.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    );
+    let (d, _) = super::load::decoder_from_gguf(gguf, device, dtype).with_context(|| format!("loading {}", gguf.display()))?;
+    check_decoder(&name, &d, dir, exact)
+}
+
+/// Every hook point, the logits, steering and greedy tokens of `d` against `dir/reference.safetensors`.
+fn check_decoder(name: &str, d: &Decoder, dir: &Path, exact: bool) -> Result<Vec<CheckRow>> {
+    let (name, d) = (name.to_string(), d);
     let ref_path = dir.join("reference.safetensors");
     let r = candle_core::safetensors::load(&ref_path, &Device::Cpu)
         .with_context(|| format!("reading {}", ref_path.display()))?;
-    let exact = dtype == WeightDType::F32;
     let ids = ids_of(&r, "input_ids", &ref_path)?;
     let n = d.cfg.num_layers;
     let mut spec = HookSpec::none().capture(HookPoint::Embed).capture(HookPoint::FinalNorm);
