@@ -384,3 +384,44 @@ fn training_on_sixteen_pairs_drives_the_loss_down_by_ninety_percent_and_freezes_
     assert!(rows[0].samples.iter().all(|s| s.correct == (s.answer == s.expected)));
     let _ = DType::F32;
 }
+
+/// A real SIGKILL of the `graft train` process once it has written a checkpoint: rerunning the
+/// same command resumes from it and ends with the uninterrupted run's adapter, bit for bit.
+#[test]
+fn a_killed_train_process_resumes_bit_identically() {
+    use std::os::unix::process::ExitStatusExt;
+    let data = sixteen_pairs();
+    let qa = data.path().join("qa.jsonl");
+    let cmd = |dir: &Path| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"));
+        c.args(["graft", "train", "--model"]).arg(dir).arg("--data").arg(&qa);
+        c.args(["--lr", "0.01", "--epochs", "40", "--batch-size", "1", "--checkpoint-every", "8", "--seed", "5"]);
+        c.args(["--device", "cpu", "--dtype", "f32"]).env("RUST_LOG", "warn");
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c
+    };
+    let a = tempfile::tempdir().unwrap();
+    make_hybrid(a.path(), 3);
+    assert!(cmd(a.path()).status().unwrap().success());
+    let b = tempfile::tempdir().unwrap();
+    make_hybrid(b.path(), 3);
+    let mut child = cmd(b.path()).spawn().unwrap();
+    let has_checkpoint = || {
+        std::fs::read_dir(b.path().join("train"))
+            .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+    };
+    let t0 = std::time::Instant::now();
+    while !has_checkpoint() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "the run finished before the kill ({status:?}): make it longer");
+    let killed = load(b.path()).adapter.weight;
+    assert!(cmd(b.path()).status().unwrap().success(), "the rerun did not resume");
+    let (ha, hb) = (load(a.path()), load(b.path()));
+    assert!(max_abs(&killed, &hb.adapter.weight) > 0.0, "the rerun trained nothing");
+    assert_eq!(max_abs(&ha.adapter.weight, &hb.adapter.weight), 0.0);
+    assert_eq!(max_abs(&ha.adapter.bias, &hb.adapter.bias), 0.0);
+}

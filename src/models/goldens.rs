@@ -233,19 +233,26 @@ pub fn check_tiny(dir: &Path, device: &Device, dtype: WeightDType) -> Result<Vec
 
 /// [`check_tiny`] for a GGUF conversion of the checkpoint in `dir` (its references are the
 /// safetensors checkpoint's); `exact` for unquantized tensors read as f32, else cosine checks.
-pub fn check_tiny_gguf(gguf: &Path, dir: &Path, device: &Device, dtype: WeightDType, exact: bool) -> Result<Vec<CheckRow>> {
+pub fn check_tiny_gguf(
+    gguf: &Path,
+    dir: &Path,
+    device: &Device,
+    dtype: WeightDType,
+    exact: bool,
+) -> Result<Vec<CheckRow>> {
     let name = format!(
         "{} ({})",
         dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
         gguf.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
     );
-    let (d, _) = super::load::decoder_from_gguf(gguf, device, dtype).with_context(|| format!("loading {}", gguf.display()))?;
+    let (d, _) =
+        super::load::decoder_from_gguf(gguf, device, dtype).with_context(|| format!("loading {}", gguf.display()))?;
     check_decoder(&name, &d, dir, exact)
 }
 
 /// Every hook point, the logits, steering and greedy tokens of `d` against `dir/reference.safetensors`.
 fn check_decoder(name: &str, d: &Decoder, dir: &Path, exact: bool) -> Result<Vec<CheckRow>> {
-    let (name, d) = (name.to_string(), d);
+    let name = name.to_string();
     let ref_path = dir.join("reference.safetensors");
     let r = candle_core::safetensors::load(&ref_path, &Device::Cpu)
         .with_context(|| format!("reading {}", ref_path.display()))?;
@@ -255,7 +262,7 @@ fn check_decoder(name: &str, d: &Decoder, dir: &Path, exact: bool) -> Result<Vec
     for i in 0..n {
         spec = spec.capture(HookPoint::ResidPost(i));
     }
-    let (logits, caps) = full_forward(&d, &ids, &spec)?;
+    let (logits, caps) = full_forward(d, &ids, &spec)?;
     let mut rows = Vec::new();
     let compare = |rows: &mut Vec<CheckRow>, check: String, ours: &Tensor, reference: &Tensor| -> Result<()> {
         if exact {
@@ -288,14 +295,14 @@ fn check_decoder(name: &str, d: &Decoder, dir: &Path, exact: bool) -> Result<Vec
     let alpha = flat_f32(ref_tensor(&r, "steer_alpha", &ref_path)?)?[0];
     let v = ref_tensor(&r, "steer_vector", &ref_path)?.to_dtype(DType::F32)?;
     let steer = HookSpec::none().add(HookPoint::ResidPost(layer), v.clone(), vec![alpha], Positions::All);
-    let (steered, _) = full_forward(&d, &ids, &steer)?;
+    let (steered, _) = full_forward(d, &ids, &steer)?;
     let ref_steered = ref_tensor(&r, "steered_logits", &ref_path)?;
     compare(&mut rows, format!("steered logits (α={alpha} at blocks.{layer}.hook_resid_post)"), &steered, ref_steered)?;
     let moved = rel_err(&steered, &logits)?;
     rows.push(CheckRow::ge(&name, "steering changes the logits".into(), "moved", moved, 1e-3));
     if exact {
         let cfg = GenerateConfig { max_new_tokens: 8, ..Default::default() };
-        let g = generate::generate(&d, std::slice::from_ref(&ids), &cfg, &HookSpec::none(), &mut Captures::default())?;
+        let g = generate::generate(d, std::slice::from_ref(&ids), &cfg, &HookSpec::none(), &mut Captures::default())?;
         let want = ids_of(&r, "greedy_ids", &ref_path)?;
         rows.push(CheckRow::eq(
             &name,
@@ -304,7 +311,7 @@ fn check_decoder(name: &str, d: &Decoder, dir: &Path, exact: bool) -> Result<Vec
             format!("ours {:?}, transformers {want:?}", g[0].tokens),
         ));
         let spec = HookSpec::none().add(HookPoint::ResidPost(layer), v, vec![alpha], Positions::Last);
-        let g = generate::generate(&d, &[ids], &cfg, &spec, &mut Captures::default())?;
+        let g = generate::generate(d, &[ids], &cfg, &spec, &mut Captures::default())?;
         let want = ids_of(&r, "greedy_steered_ids", &ref_path)?;
         rows.push(CheckRow::eq(
             &name,
