@@ -129,3 +129,56 @@ fn run_vlm_on_a_graft_directory() {
     }
     assert_eq!(go(), text, "a rerun adds nothing");
 }
+
+/// `extract --image` on a graft directory: the hybrid's states at its image positions (through its
+/// own tower and adapter), with the vision grid, equal to its prefill's, and the lenses' text
+/// backbone is its LM.
+#[test]
+fn extract_images_from_a_graft_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("hybrid");
+    let hy = hybrid(&h);
+    let png = common::fixture("tiny-graft").join("tall.png");
+    let out = dir.path().join("x");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(["extract", "--model"])
+        .arg(&h)
+        .args(["--device", "cpu", "--dtype", "f32", "--layers", "0,2", "--save-dtype", "f32", "--image"])
+        .arg(&png)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "extract (graft): {}", String::from_utf8_lossy(&o.stderr));
+    let item = candle_core::safetensors::load(out.join("item-00000.safetensors"), &Device::Cpu).unwrap();
+    let img = image::open(&png).unwrap().to_rgb8();
+    use miniwob_steer::models::engine::VisionEngine;
+    let input = hy.image_prompt(&[img], "Describe the picture.").unwrap();
+    let spec = HookSpec::none().capture(HookPoint::ResidPost(0)).capture(HookPoint::ResidPost(2));
+    let caps = hy.capture(&input, &spec).unwrap();
+    let mask = hy.image_mask(&input);
+    let cols: Vec<u32> = (0..mask.len()).filter(|&i| mask[i]).map(|i| i as u32).collect();
+    let n = cols.len();
+    let idx = Tensor::from_vec(cols, n, &Device::Cpu).unwrap();
+    for p in [HookPoint::ResidPost(0), HookPoint::ResidPost(2)] {
+        let want = caps.get(p).unwrap().squeeze(0).unwrap().index_select(&idx, 0).unwrap();
+        let got = &item[&p.to_string()];
+        assert_eq!(got.dims(), want.dims(), "{p}");
+        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{p}: extract differs from the hybrid's prefill");
+    }
+    assert_eq!(item["grid"].dim(0).unwrap(), n, "a grid cell per vision token");
+    // The embedding and logit lenses read them through the hybrid's LM (the extraction names the
+    // graft directory).
+    let q = dir.path().join("q.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(["lens", "query", "--extracted"])
+        .arg(&out)
+        .args(["--lens", "embedding,logit", "--k", "3", "--device", "cpu", "--dtype", "f32", "--out"])
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "lens query (graft): {}", String::from_utf8_lossy(&o.stderr));
+    let lines = std::fs::read_to_string(&q).unwrap().lines().count();
+    assert_eq!(lines, 2 * 2 * n, "item × 2 hook points × {n} tokens × 2 lenses");
+}

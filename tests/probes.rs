@@ -323,7 +323,7 @@ fn image_rows_on_the_tiny_qwen2_vl() {
     let input = vlm.user_prompt(&[im], "Describe 0.").unwrap();
     let p = HookPoint::ResidPost(1);
     let e = miniwob_steer::interp::extract::extract_vlm(
-        vlm,
+        &**vlm,
         &input,
         &[size],
         &[p],

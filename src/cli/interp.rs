@@ -2,14 +2,15 @@
 use crate::cli::models::{render_prompt, ModelArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
+use miniwob_steer::agent::AgentModel;
 use miniwob_steer::device::parse_device;
 use miniwob_steer::interp::extract::{self, ExtractWriter, Extracted};
 use miniwob_steer::interp::grounded::{self, TextBox};
 use miniwob_steer::interp::index::{self, Index, IndexMeta};
 use miniwob_steer::interp::lens::{self, EmbeddingLens, Neighbour};
+use miniwob_steer::models::engine::VisionEngine;
 use miniwob_steer::models::hooks::{HookPoint, Positions};
 use miniwob_steer::models::load::Loaded;
-use miniwob_steer::models::qwen2_vl::VlmInput;
 use miniwob_steer::models::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
@@ -105,11 +106,28 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         o => bail!("--save-dtype {o}: expected f16 or f32"),
     };
     let positions = a.positions.unwrap_or(if images { Positions::Image } else { Positions::Text });
-    let m = a.model.load_any()?;
-    let points = miniwob_steer::interp::parse_points(&a.layers, m.decoder().cfg.num_layers)?;
+    // A graft directory (`graft init`) is the hybrid: its screenshots go through its own tower
+    // and adapter; its text prompts are its LM's.
+    let hybrid = if images && miniwob_steer::graft::is_graft_dir(Path::new(&a.model.model)) {
+        let device = parse_device(&a.model.device)?;
+        let dtype = a.model.dtype.resolve_for(&device, &a.model.model);
+        Some(miniwob_steer::graft::Hybrid::load(Path::new(&a.model.model), &device, dtype)?)
+    } else {
+        None
+    };
+    let m = match &hybrid {
+        Some(_) => None,
+        None => Some(a.model.load_any()?),
+    };
+    let (dec, info) = match (&hybrid, &m) {
+        (Some(h), _) => (&h.decoder, &h.info),
+        (None, Some(m)) => (m.decoder(), m.info()),
+        (None, None) => unreachable!("one of the two is loaded"),
+    };
+    let points = miniwob_steer::interp::parse_points(&a.layers, dec.cfg.num_layers)?;
     let common = json!({
-        "model": m.info().name, "model_spec": a.model.model, "checkpoint": m.info().checkpoint,
-        "weights_hash": m.info().weights_hash, "dtype": m.info().dtype, "positions": positions.to_string(),
+        "model": info.name, "model_spec": a.model.model, "checkpoint": info.checkpoint,
+        "weights_hash": info.weights_hash, "dtype": info.dtype, "positions": positions.to_string(),
         "hook_points": points.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "harness": env!("CARGO_PKG_VERSION"),
     });
@@ -117,84 +135,14 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let mut n = 0usize;
     if images {
-        let Loaded::Vlm(vlm) = &m else {
-            bail!("--image/--task need a vision-language model (Qwen2-VL); {} is a text model", a.model.model);
+        n = match (&hybrid, &m) {
+            (Some(h), _) => extract_images(h, &a, &points, positions, &mut w)?,
+            (None, Some(Loaded::Vlm(vlm))) => extract_images(&**vlm, &a, &points, positions, &mut w)?,
+            _ => bail!(
+                "--image/--task need a vision-language model (Qwen2-VL or a graft directory); {} is a text model",
+                a.model.model
+            ),
         };
-        if positions == Positions::Image && a.task.is_none() && a.image.is_empty() {
-            bail!("no images given");
-        }
-        let one = |img: image::RgbImage, meta: Value, w: &mut ExtractWriter, input: Option<VlmInput>| -> Result<()> {
-            let size = (img.width() as usize, img.height() as usize);
-            let input = match input {
-                Some(i) => i,
-                None => vlm.user_prompt(&[img], &a.text)?,
-            };
-            let e = extract::extract_vlm(vlm, &input, &[size], &points, positions)?;
-            let mut meta = meta;
-            meta["image_size"] = json!([size.0, size.1]);
-            meta["grid_thw"] = json!(input.images[0].grid_thw);
-            w.write(&e, meta)?;
-            Ok(())
-        };
-        if let Some(task) = &a.task {
-            let seeds = parse_seeds(&a.seeds)?;
-            let pb = miniwob_steer::interp::progress(seeds.len() as u64, "extract");
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(async {
-                miniwob_steer::env::browser::install_signal_cleanup();
-                let mut cfg = miniwob_steer::env::session::EnvConfig::default();
-                cfg.browser.device_scale = a.scale;
-                let mut s = miniwob_steer::env::Session::start(cfg).await?;
-                let r = async {
-                    for &seed in &seeds {
-                        let obs = s.reset(task, seed).await?;
-                        let (img, px) = if a.som {
-                            let sc = s.device_scale() as f32;
-                            (s.som_image(&obs).await?, sc * miniwob_steer::env::som::enlargement(sc) as f32)
-                        } else {
-                            let img = image::DynamicImage::ImageRgba8(s.screenshot_image().await?).to_rgb8();
-                            (img, s.device_scale() as f32)
-                        };
-                        let texts: Vec<TextBox> = obs
-                            .elements
-                            .iter()
-                            .filter(|e| !e.text.trim().is_empty())
-                            .map(|e| TextBox {
-                                text: e.text.clone(),
-                                bbox: [e.left, e.top, e.left + e.width, e.top + e.height].map(|v| v as f32 * px),
-                            })
-                            .collect();
-                        let meta = json!({"source": "miniwob", "task": task, "seed": seed, "som": a.som,
-                            "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts,
-                            "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
-                        let input = if a.agent_prompt {
-                            use miniwob_steer::agent::AgentModel;
-                            let view =
-                                miniwob_steer::agent::View { obs: &obs, screenshot: Some(&img), history: &[], step: 1 };
-                            Some(vlm.turn(&miniwob_steer::agent::PromptBuilder::default(), &view, None)?.input)
-                        } else {
-                            None
-                        };
-                        one(img, meta, &mut w, input)?;
-                        n += 1;
-                        pb.inc(1);
-                    }
-                    anyhow::Ok(())
-                }
-                .await;
-                s.close().await;
-                r
-            })?;
-            pb.finish_and_clear();
-        }
-        let pb = miniwob_steer::interp::progress(a.image.len() as u64, "extract");
-        for f in &a.image {
-            let img = image::open(f).with_context(|| format!("reading image {}", f.display()))?.to_rgb8();
-            one(img, json!({"source": "file", "file": f.display().to_string(), "prompt": a.text}), &mut w, None)?;
-            n += 1;
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
     } else {
         let prompts = match (&a.prompt, &a.prompts_file) {
             (Some(p), None) => vec![p.clone()],
@@ -204,10 +152,11 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
         if positions == Positions::Image {
             bail!("--positions image needs images (--image or --task)");
         }
+        let m = m.as_ref().context("a text model")?;
         let (dec, tok) = (m.decoder(), m.tokenizer());
         let pb = miniwob_steer::interp::progress(prompts.len() as u64, "extract");
         for p in &prompts {
-            let text = match &m {
+            let text = match m {
                 Loaded::Text(lm) => render_prompt(lm, p, a.chat)?,
                 Loaded::Vlm(_) if a.chat => {
                     bail!("--chat with a Qwen2-VL text prompt is not supported; give the rendered text")
@@ -703,6 +652,90 @@ pub fn run_lens(a: LensArgs) -> Result<()> {
         LensCmd::Corpus(a) => run_corpus(a),
         LensCmd::Bench(a) => run_bench(a),
     }
+}
+
+/// `extract --image/--task` on a VLM (Qwen2-VL or the graft hybrid): one item per image, streamed
+/// to `w`; returns the number written.
+fn extract_images<E: VisionEngine + AgentModel>(
+    vlm: &E,
+    a: &ExtractArgs,
+    points: &[HookPoint],
+    positions: Positions,
+    w: &mut ExtractWriter,
+) -> Result<usize> {
+    let mut n = 0usize;
+    let one = |img: image::RgbImage, meta: Value, w: &mut ExtractWriter, input: Option<E::Input>| -> Result<()> {
+        let size = (img.width() as usize, img.height() as usize);
+        let input = match input {
+            Some(i) => i,
+            None => vlm.image_prompt(&[img], &a.text)?,
+        };
+        let e = extract::extract_vlm(vlm, &input, &[size], points, positions)?;
+        let mut meta = meta;
+        meta["image_size"] = json!([size.0, size.1]);
+        meta["grid_thw"] = json!(E::grids(&input).first());
+        w.write(&e, meta)?;
+        Ok(())
+    };
+    if let Some(task) = &a.task {
+        let seeds = parse_seeds(&a.seeds)?;
+        let pb = miniwob_steer::interp::progress(seeds.len() as u64, "extract");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async {
+            miniwob_steer::env::browser::install_signal_cleanup();
+            let mut cfg = miniwob_steer::env::session::EnvConfig::default();
+            cfg.browser.device_scale = a.scale;
+            let mut s = miniwob_steer::env::Session::start(cfg).await?;
+            let r = async {
+                for &seed in &seeds {
+                    let obs = s.reset(task, seed).await?;
+                    let (img, px) = if a.som {
+                        let sc = s.device_scale() as f32;
+                        (s.som_image(&obs).await?, sc * miniwob_steer::env::som::enlargement(sc) as f32)
+                    } else {
+                        let img = image::DynamicImage::ImageRgba8(s.screenshot_image().await?).to_rgb8();
+                        (img, s.device_scale() as f32)
+                    };
+                    let texts: Vec<TextBox> = obs
+                        .elements
+                        .iter()
+                        .filter(|e| !e.text.trim().is_empty())
+                        .map(|e| TextBox {
+                            text: e.text.clone(),
+                            bbox: [e.left, e.top, e.left + e.width, e.top + e.height].map(|v| v as f32 * px),
+                        })
+                        .collect();
+                    let meta = json!({"source": "miniwob", "task": task, "seed": seed, "som": a.som,
+                        "utterance": obs.utterance, "pixels_per_css_px": px, "text_boxes": texts,
+                        "prompt": if a.agent_prompt { "agent" } else { a.text.as_str() }});
+                    let input = if a.agent_prompt {
+                        let view =
+                            miniwob_steer::agent::View { obs: &obs, screenshot: Some(&img), history: &[], step: 1 };
+                        Some(vlm.turn(&miniwob_steer::agent::PromptBuilder::default(), &view, None)?.input)
+                    } else {
+                        None
+                    };
+                    one(img, meta, w, input)?;
+                    n += 1;
+                    pb.inc(1);
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            s.close().await;
+            r
+        })?;
+        pb.finish_and_clear();
+    }
+    let pb = miniwob_steer::interp::progress(a.image.len() as u64, "extract");
+    for f in &a.image {
+        let img = image::open(f).with_context(|| format!("reading image {}", f.display()))?.to_rgb8();
+        one(img, json!({"source": "file", "file": f.display().to_string(), "prompt": a.text}), w, None)?;
+        n += 1;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -34,7 +34,17 @@ impl ModelArgs {
     /// A text model, or a Qwen2-VL with its vision tower.
     pub fn load_any(&self) -> Result<miniwob_steer::models::load::Loaded> {
         use miniwob_steer::models::load::{apply_adapter, Loaded};
-        let mut m = Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)?;
+        let path = std::path::Path::new(&self.model);
+        let mut m = if miniwob_steer::graft::is_graft_dir(path) {
+            // A graft directory's text backbone is its LM, unchanged by the graft: what the lenses
+            // and text prompts read (its screenshots go through `extract`'s hybrid path).
+            let lm = miniwob_steer::graft::GraftConfig::read(path)?.lm.dir;
+            tracing::info!("{}: a graft directory; its language model is {}", path.display(), lm.display());
+            let spec = lm.display().to_string();
+            Loaded::load(&spec, &parse_device(&self.device)?, self.dtype)?
+        } else {
+            Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)?
+        };
         if let Some(a) = &self.adapter {
             match &mut m {
                 Loaded::Text(t) => apply_adapter(&mut t.decoder, &mut t.info, a)?,

@@ -11,7 +11,7 @@ use super::{Hybrid, HybridInput};
 use crate::agent::prompt::PromptBuilder;
 use crate::agent::turn::{AgentModel, Turn, View};
 use crate::models::decoder::{Decoder, State};
-use crate::models::engine::{Engine, RowGeneration};
+use crate::models::engine::{Engine, RowGeneration, VisionEngine};
 use crate::models::generate::{self, GenerateConfig};
 use crate::models::hooks::{AddIntervention, Captures, HookPoint, HookSpec, Positions};
 use crate::models::load::ModelInfo;
@@ -199,5 +199,25 @@ impl AgentModel for Hybrid {
 
     fn image_grid(input: &HybridInput) -> Option<[usize; 3]> {
         input.image.as_ref().map(|i| i.grid_thw)
+    }
+}
+
+impl VisionEngine for Hybrid {
+    fn image_prompt(&self, images: &[image::RgbImage], text: &str) -> Result<HybridInput> {
+        if images.len() > 1 {
+            bail!("the hybrid's prompt holds one image, {} given", images.len());
+        }
+        self.user_prompt(images.first(), text, self.thinking)
+    }
+    fn capture(&self, input: &HybridInput, spec: &HookSpec) -> Result<Captures> {
+        let mut caps = Captures::default();
+        self.prefill(input, spec, &mut caps)?;
+        Ok(caps)
+    }
+    fn grids(input: &HybridInput) -> Vec<[usize; 3]> {
+        input.image.iter().map(|i| i.grid_thw).collect()
+    }
+    fn vision_geometry(&self) -> (usize, usize) {
+        (self.vision.cfg.spatial_merge_size, self.vision.cfg.patch_size)
     }
 }

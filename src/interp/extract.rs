@@ -7,9 +7,9 @@
 //! `boxes` `[n, 4]` = (x0, y0, x1, y1) in original-image pixels), `summary.jsonl` / `summary.csv`
 //! (one row per item × hook point) and `manifest.json`.
 use crate::models::decoder::Decoder;
+use crate::models::engine::VisionEngine;
 use crate::models::generate;
 use crate::models::hooks::{HookPoint, HookSpec, Positions};
-use crate::models::qwen2_vl::{Qwen2Vl, VlmInput};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -77,24 +77,26 @@ fn gather(caps: &crate::models::hooks::Captures, points: &[HookPoint], cols: &[u
         .collect()
 }
 
-/// One Qwen2-VL prompt (one image): the states at `positions` (`image`, `text` or `all`) of
-/// every point. `image_sizes` are the original (width, height) of the prompt's images, for the boxes.
-pub fn extract_vlm(
-    model: &Qwen2Vl,
-    input: &VlmInput,
+/// One image prompt of a VLM (Qwen2-VL or the graft hybrid): the states at `positions`
+/// (`image`, `text` or `all`) of every point. `image_sizes` are the original (width, height) of
+/// the prompt's images, for the boxes.
+pub fn extract_vlm<E: VisionEngine>(
+    model: &E,
+    input: &E::Input,
     image_sizes: &[(usize, usize)],
     points: &[HookPoint],
     positions: Positions,
 ) -> Result<Extracted> {
-    if image_sizes.len() != input.images.len() {
-        bail!("{} image sizes for {} images", image_sizes.len(), input.images.len());
+    let grids = E::grids(input);
+    if image_sizes.len() != grids.len() {
+        bail!("{} image sizes for {} images", image_sizes.len(), grids.len());
     }
-    let mut caps = Default::default();
-    model.prefill(std::slice::from_ref(input), &spec_for(points), &mut caps, false)?;
-    let image_id = model.cfg.image_token_id;
-    let cols: Vec<usize> = (0..input.ids.len())
+    let caps = model.capture(input, &spec_for(points))?;
+    let ids = E::ids(input);
+    let mask = model.image_mask(input);
+    let cols: Vec<usize> = (0..ids.len())
         .filter(|&c| {
-            let img = input.ids[c] == image_id;
+            let img = mask[c];
             match positions {
                 Positions::Image => img,
                 Positions::Text => !img,
@@ -106,13 +108,13 @@ pub fn extract_vlm(
         bail!("the prompt has no {positions} positions");
     }
     let states = gather(&caps, points, &cols)?;
-    let (m, p) = (model.cfg.vision.spatial_merge_size, model.cfg.vision.patch_size);
+    let (m, p) = model.vision_geometry();
     // Cells of every image token in prompt order, then keep those of the selected columns.
     let mut cell_of: HashMap<usize, ([usize; 3], [f32; 4])> = HashMap::new();
     let mut k = 0;
-    let pads: Vec<usize> = (0..input.ids.len()).filter(|&c| input.ids[c] == image_id).collect();
-    for (img, &(w, h)) in input.images.iter().zip(image_sizes) {
-        let (g, b) = vision_cells(img.grid_thw, m, p, w, h);
+    let pads: Vec<usize> = (0..ids.len()).filter(|&c| mask[c]).collect();
+    for (grid_thw, &(w, h)) in grids.iter().zip(image_sizes) {
+        let (g, b) = vision_cells(*grid_thw, m, p, w, h);
         for (g, b) in g.into_iter().zip(b) {
             let col = *pads.get(k).context("fewer <|image_pad|> tokens than vision tokens")?;
             cell_of.insert(col, (g, b));
@@ -133,7 +135,7 @@ pub fn extract_vlm(
     Ok(Extracted {
         points: points.to_vec(),
         states,
-        token_ids: cols.iter().map(|&c| input.ids[c]).collect(),
+        token_ids: cols.iter().map(|&c| ids[c]).collect(),
         positions: cols,
         grid,
         boxes,

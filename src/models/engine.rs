@@ -242,3 +242,34 @@ impl Engine for Qwen2Vl {
         input.ids.iter().map(|&t| t == self.cfg.image_token_id).collect()
     }
 }
+
+/// A model that reads images (Qwen2-VL, the graft hybrid): what `extract`, `probe features` and
+/// the lenses need beyond [`Engine`], written once for both.
+pub trait VisionEngine: Engine {
+    /// One user turn: the images, then `text` (the model's chat template).
+    fn image_prompt(&self, images: &[image::RgbImage], text: &str) -> Result<Self::Input>;
+    /// What `spec` (captures only) records in one unsteered prefill of `input` alone
+    /// (`[1, seq, hidden]` per point).
+    fn capture(&self, input: &Self::Input, spec: &HookSpec) -> Result<super::hooks::Captures>;
+    /// Each image's `[t, h, w]` patch grid, in prompt order.
+    fn grids(input: &Self::Input) -> Vec<[usize; 3]>;
+    /// (spatial merge, patch size) of the vision tower: a vision token's pixel box.
+    fn vision_geometry(&self) -> (usize, usize);
+}
+
+impl VisionEngine for Qwen2Vl {
+    fn image_prompt(&self, images: &[image::RgbImage], text: &str) -> Result<VlmInput> {
+        self.user_prompt(images, text)
+    }
+    fn capture(&self, input: &VlmInput, spec: &HookSpec) -> Result<super::hooks::Captures> {
+        let mut caps = super::hooks::Captures::default();
+        self.prefill(std::slice::from_ref(input), spec, &mut caps, false)?;
+        Ok(caps)
+    }
+    fn grids(input: &VlmInput) -> Vec<[usize; 3]> {
+        input.grids()
+    }
+    fn vision_geometry(&self) -> (usize, usize) {
+        (self.cfg.vision.spatial_merge_size, self.cfg.vision.patch_size)
+    }
+}

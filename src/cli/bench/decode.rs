@@ -53,46 +53,60 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prefill and decode tokens/s over all rows of a batch of `batch` copies of `prompt`.
-fn measure(
+/// One timed run: prefill and decode tokens/s over all rows of a batch of `batch` copies of
+/// `prompt` (`adapters`: each row's LoRA adapter, empty = the decoder's default).
+fn measure_once(
     d: &Decoder,
     prompt: &[u32],
     batch: usize,
     new_tokens: usize,
     spec: &HookSpec,
     adapters: &[Option<u16>],
-    reps: usize,
-) -> Result<Speed> {
-    let mut pre = Vec::new();
-    let mut dec = Vec::new();
+) -> Result<(f64, f64)> {
     let prompts = vec![prompt.to_vec(); batch];
-    // One untimed warm-up, then `reps` timed runs.
-    for rep in 0..=reps {
-        let (ids, pads) = left_pad(&prompts, 0, d.device())?;
-        let mut st = d.new_state(pads.clone());
-        if !adapters.is_empty() {
-            st.adapters = adapters.to_vec();
-        }
-        let mut caps = Captures::default();
-        let t0 = Instant::now();
-        let logits = d.forward(&ids, &mut st, &StepInfo::prefill(pads), spec, &mut caps, false)?;
-        let mut next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
+    let (ids, pads) = left_pad(&prompts, 0, d.device())?;
+    let mut st = d.new_state(pads.clone());
+    if !adapters.is_empty() {
+        st.adapters = adapters.to_vec();
+    }
+    let mut caps = Captures::default();
+    let t0 = Instant::now();
+    let logits = d.forward(&ids, &mut st, &StepInfo::prefill(pads), spec, &mut caps, false)?;
+    let mut next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
+    next.to_vec2::<u32>()?;
+    let t_pre = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..new_tokens {
+        let logits = d.forward(&next, &mut st, &StepInfo::decode(batch), spec, &mut caps, false)?;
+        next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
+        // Reading the ids back is part of every real decode step.
         next.to_vec2::<u32>()?;
-        let t_pre = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for _ in 0..new_tokens {
-            let logits = d.forward(&next, &mut st, &StepInfo::decode(batch), spec, &mut caps, false)?;
-            next = logits.squeeze(1)?.argmax(1)?.reshape((batch, 1))?;
-            // Reading the ids back is part of every real decode step.
-            next.to_vec2::<u32>()?;
-        }
-        let t_dec = t1.elapsed().as_secs_f64();
-        if rep > 0 {
-            pre.push((batch * prompt.len()) as f64 / t_pre);
-            dec.push((batch * new_tokens) as f64 / t_dec);
+    }
+    let t_dec = t1.elapsed().as_secs_f64();
+    Ok(((batch * prompt.len()) as f64 / t_pre, (batch * new_tokens) as f64 / t_dec))
+}
+
+/// Medians of `reps` timed runs of every configuration, interleaved rep by rep (after one
+/// untimed warm-up each) so that the machine's drift hits every configuration alike.
+fn measure_all(
+    d: &Decoder,
+    prompt: &[u32],
+    batch: usize,
+    new_tokens: usize,
+    configs: &[(&str, HookSpec, Vec<Option<u16>>)],
+    reps: usize,
+) -> Result<Vec<Speed>> {
+    let mut runs: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); configs.len()];
+    for rep in 0..=reps {
+        for (i, (_, spec, adapters)) in configs.iter().enumerate() {
+            let (p, q) = measure_once(d, prompt, batch, new_tokens, spec, adapters)?;
+            if rep > 0 {
+                runs[i].0.push(p);
+                runs[i].1.push(q);
+            }
         }
     }
-    Ok(Speed { prefill: median(pre), decode: median(dec) })
+    Ok(runs.into_iter().map(|(p, q)| Speed { prefill: median(p), decode: median(q) }).collect())
 }
 
 fn peer(a: &BenchDecodeArgs, python: &PathBuf, location: &Location, layer: usize, hook: &str) -> Result<Speed> {
@@ -197,8 +211,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                     configs.push(("lora 1 row", HookSpec::none(), mixed));
                 }
             }
-            for (name, spec, adapters) in &configs {
-                let s = measure(d, &ids, batch, a.new_tokens, spec, adapters, a.reps)?;
+            let speeds = measure_all(d, &ids, batch, a.new_tokens, &configs, a.reps)?;
+            for ((name, _, adapters), s) in configs.iter().zip(speeds) {
                 let p = match (&python, a.no_peer, batch) {
                     (Some(py), false, 1) if adapters.is_empty() => *peer_speeds.entry(name).or_insert_with(|| {
                         peer(&a, py, &resolved.location, layer, name).map_err(|e| eprintln!("peer skipped: {e:#}")).ok()
