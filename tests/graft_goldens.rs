@@ -419,7 +419,10 @@ fn a_killed_train_process_resumes_bit_identically() {
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "the run finished before the kill ({status:?}): make it longer");
     let killed = load(b.path()).adapter.weight;
-    assert!(cmd(b.path()).status().unwrap().success(), "the rerun did not resume");
+    // The rerun must resume from the checkpoint (a fresh start would end at the same bits too).
+    let o = cmd(b.path()).env("RUST_LOG", "info").stderr(std::process::Stdio::piped()).output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && log.contains("resuming"), "the rerun did not resume:\n{log}");
     let (ha, hb) = (load(a.path()), load(b.path()));
     assert!(max_abs(&killed, &hb.adapter.weight) > 0.0, "the rerun trained nothing");
     assert_eq!(max_abs(&ha.adapter.weight, &hb.adapter.weight), 0.0);

@@ -113,6 +113,7 @@ fn golden_index(dir: &std::path::Path, meta: &Value) -> Index {
         layers.iter().map(|l| t[&format!("layer.{l}")].to_dtype(DType::F32).unwrap().to_vec2().unwrap()).collect();
     let im = IndexMeta {
         model: "tiny".into(),
+        adapter: None,
         weights_hash: String::new(),
         hook_points: layers,
         hidden: vecs[0][0].len(),
@@ -225,6 +226,7 @@ fn reservoir_index_matches_python() {
         .collect();
     let im = IndexMeta {
         model: "tiny".into(),
+        adapter: None,
         weights_hash: String::new(),
         hook_points: points.iter().map(|p| p.to_string()).collect(),
         hidden: m.decoder.cfg.hidden_size,

@@ -227,8 +227,25 @@ fn adapters_it_cannot_apply_are_refused_by_name() {
     ));
     assert!(e.contains("base_model.model.lm_head.weight") && e.contains("modules_to_save"), "{e}");
 
+    let e = err(&broken(
+        "pattern",
+        |c| c["rank_pattern"] = serde_json::json!({"q_proj": 4, "layers.1.self_attn.q_proj": 6}),
+        |_| {},
+    ));
+    assert!(e.contains("both match") && e.contains("layers.1.self_attn.q_proj"), "{e}");
+
+    let e = err(&broken(
+        "dup",
+        |_| {},
+        |t| {
+            let a = t[q_a].clone();
+            t.insert(q_a.replace("self_attn", "cross_attn"), a);
+        },
+    ));
+    assert!(e.contains("both map to layer 1"), "{e}");
+
     let e = err(&broken("rank", |c| c["r"] = 8.into(), |_| {}));
-    assert!(e.contains("rank 4") && e.contains("config says 8"), "{e}");
+    assert!(e.contains("rank 4") && e.contains("adapter_config.json says 8 (`r`)"), "{e}");
 
     let e = format!("{:#}", load_adapter(&d, Path::new("/nonexistent/adapter")).unwrap_err());
     assert!(e.contains("/nonexistent/adapter/adapter_config.json"), "{e}");

@@ -111,7 +111,11 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     let hybrid = if images && miniwob_steer::graft::is_graft_dir(Path::new(&a.model.model)) {
         let device = parse_device(&a.model.device)?;
         let dtype = a.model.dtype.resolve_for(&device, &a.model.model);
-        Some(miniwob_steer::graft::Hybrid::load(Path::new(&a.model.model), &device, dtype)?)
+        let mut h = miniwob_steer::graft::Hybrid::load(Path::new(&a.model.model), &device, dtype)?;
+        if let Some(ad) = &a.model.adapter {
+            miniwob_steer::models::load::apply_adapter(&mut h.decoder, &mut h.info, ad)?;
+        }
+        Some(h)
     } else {
         None
     };
@@ -127,7 +131,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     let points = miniwob_steer::interp::parse_points(&a.layers, dec.cfg.num_layers)?;
     let common = json!({
         "model": info.name, "model_spec": a.model.model, "checkpoint": info.checkpoint,
-        "weights_hash": info.weights_hash, "dtype": info.dtype, "positions": positions.to_string(),
+        "weights_hash": info.weights_hash, "adapter": info.adapter, "dtype": info.dtype, "positions": positions.to_string(),
         "hook_points": points.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "harness": env!("CARGO_PKG_VERSION"),
     });
@@ -276,6 +280,7 @@ pub fn run_bench(a: BenchArgs) -> Result<()> {
     if fresh.is_none() {
         let meta = IndexMeta {
             model: "synthetic".into(),
+            adapter: None,
             weights_hash: String::new(),
             hook_points: (0..a.layers).map(|l| HookPoint::ResidPost(l).to_string()).collect(),
             hidden: a.hidden,
@@ -439,6 +444,7 @@ pub fn run_index(a: IndexArgs) -> Result<()> {
     let points = miniwob_steer::interp::parse_points(a.layers.as_deref().unwrap_or(&default_index_layers(n)), n)?;
     let meta = IndexMeta {
         model: m.info().name.clone(),
+        adapter: m.info().adapter.clone(),
         weights_hash: m.info().weights_hash.clone(),
         hook_points: points.iter().map(|p| p.to_string()).collect(),
         hidden: m.decoder().cfg.hidden_size,

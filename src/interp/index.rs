@@ -43,6 +43,9 @@ impl SplitMix64 {
 pub struct IndexMeta {
     pub model: String,
     pub weights_hash: String,
+    /// `--adapter`: the LoRA adapter (`name@hash`) the index was built with; absent for a plain model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     pub hook_points: Vec<String>,
     pub hidden: usize,
     pub slots: usize,
@@ -461,6 +464,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = IndexMeta {
             model: "t".into(),
+            adapter: None,
             weights_hash: String::new(),
             hook_points: vec!["blocks.0.hook_resid_post".into()],
             hidden: 2,

@@ -12,7 +12,7 @@
 //! trained biases, `modules_to_save`, embedding or LM-head adapters, vision-tower adapters), never
 //! silently dropped.
 use super::config::DecoderConfig;
-use super::weights::{fingerprint, LayerTensor, Linear};
+use super::weights::{LayerTensor, Linear};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -68,9 +68,12 @@ fn pattern_matches(pattern: &str, module: &str) -> bool {
     module == pattern || module.ends_with(&format!(".{pattern}"))
 }
 
-/// A `rank_pattern` / `alpha_pattern` value for `module`, if a pattern names it.
-fn pattern_value(cfg: &Value, field: &str, module: &str, file: &Path) -> Result<Option<f64>> {
+/// A `rank_pattern` / `alpha_pattern` value for `module` and the key that gave it, if a pattern
+/// names it. peft takes the first matching key in file order, which a parsed JSON object does not
+/// keep: two patterns that match one module with different values are refused instead.
+fn pattern_value(cfg: &Value, field: &str, module: &str, file: &Path) -> Result<Option<(f64, String)>> {
     let Some(map) = cfg.get(field).and_then(|v| v.as_object()) else { return Ok(None) };
+    let mut found: Option<(f64, String)> = None;
     for (pat, v) in map {
         if pat.chars().any(|c| "*()[]\\^$|+?{}".contains(c)) {
             bail!(
@@ -80,10 +83,18 @@ fn pattern_value(cfg: &Value, field: &str, module: &str, file: &Path) -> Result<
         }
         if pattern_matches(pat, module) {
             let n = v.as_f64().with_context(|| format!("{}: `{field}.{pat}` is not a number", file.display()))?;
-            return Ok(Some(n));
+            match &found {
+                Some((m, other)) if *m != n => bail!(
+                    "{}: `{other}` and `{field}.{pat}` both match `{module}` with different values; peft would \
+                     take the first in file order: keep one",
+                    file.display()
+                ),
+                Some(_) => {}
+                None => found = Some((n, format!("{field}.{pat}"))),
+            }
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// `(layer, slot, is_a, module name)` of a peft tensor key, or why it cannot be applied.
@@ -193,6 +204,13 @@ impl LoraAdapter {
                 );
             }
             let t = tensors[key].to_dtype(DType::F32)?;
+            if let Some(other) = modules[layer][slot].as_ref().filter(|m| **m != module) {
+                bail!(
+                    "{}: `{other}` and `{module}` both map to layer {layer}'s {} (only the decoder's own layers take adapters)",
+                    st_path.display(),
+                    TARGETS[slot].1
+                );
+            }
             let entry = &mut halves[layer][slot];
             if is_a {
                 entry.0 = Some(t)
@@ -228,11 +246,16 @@ impl LoraAdapter {
                         TARGETS[s].1
                     );
                 }
-                let r_cfg = pattern_value(&c, "rank_pattern", &module, &cfg_path)?.unwrap_or(r);
+                let (r_cfg, r_field) =
+                    pattern_value(&c, "rank_pattern", &module, &cfg_path)?.unwrap_or((r, "r".to_string()));
                 if rank as f64 != r_cfg {
-                    bail!("{}: `{module}` has rank {rank}, the config says {r_cfg}", st_path.display());
+                    bail!(
+                        "{}: `{module}` has rank {rank}, {} says {r_cfg} (`{r_field}`)",
+                        st_path.display(),
+                        cfg_path.display()
+                    );
                 }
-                let a_cfg = pattern_value(&c, "alpha_pattern", &module, &cfg_path)?.unwrap_or(alpha);
+                let a_cfg = pattern_value(&c, "alpha_pattern", &module, &cfg_path)?.map_or(alpha, |v| v.0);
                 let scale = if rslora { a_cfg / (rank as f64).sqrt() } else { a_cfg / rank as f64 };
                 let dense = |t: Tensor| -> Result<Linear> { Ok(Linear::Dense(t.to_dtype(dtype)?.to_device(device)?)) };
                 layers[l][s] = Some(LoraPair { a: dense(a)?, b: dense(b)?, rank, scale });
@@ -242,7 +265,15 @@ impl LoraAdapter {
         if count == 0 {
             bail!("{}: no lora_A/lora_B pairs", st_path.display());
         }
-        let hash = fingerprint(&[cfg_path.clone(), st_path.clone()])?;
+        // Both files whole (an adapter is small; `fingerprint` samples large files).
+        let hash = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for p in [&cfg_path, &st_path] {
+                h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+            }
+            hex::encode(&h.finalize()[..8])
+        };
         let base_model = field("base_model_name_or_path").and_then(|v| v.as_str()).map(String::from);
         tracing::info!(adapter = name, modules = count, hash = %hash, "loaded LoRA adapter {}", dir.display());
         Ok(Self { name: name.to_string(), dir: dir.to_path_buf(), hash, base_model, layers })

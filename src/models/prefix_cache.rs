@@ -27,6 +27,9 @@ pub const DEFAULT_MB: usize = 256;
 
 struct Block {
     parent: u64,
+    /// The adapter the prefix was computed under (`--adapter`'s id), checked on the first block
+    /// of a lookup: the blocks after it are reached through its key, so they inherit the check.
+    origin: Option<String>,
     /// Index of the block in its prefix (0 = the first `BLOCK` tokens).
     depth: usize,
     tokens: [u32; BLOCK],
@@ -81,15 +84,18 @@ impl PrefixCache {
         CacheStats { blocks: self.blocks.len(), bytes: self.bytes, ..self.stats }
     }
 
-    /// The blocks of the longest cached prefix of `tokens` under `root`, marked as used.
-    fn longest(&mut self, root: u64, tokens: &[u32]) -> Vec<u64> {
+    /// The blocks of the longest cached prefix of `tokens` under `root` (computed under
+    /// `origin`), marked as used.
+    fn longest(&mut self, root: u64, origin: Option<&str>, tokens: &[u32]) -> Vec<u64> {
         self.tick += 1;
         let mut keys = Vec::new();
         let mut parent = root;
         for chunk in tokens.chunks_exact(BLOCK) {
             let key = chain(parent, chunk);
             match self.blocks.get_mut(&key) {
-                Some(b) if b.parent == parent && b.tokens == chunk => {
+                Some(b)
+                    if b.parent == parent && b.tokens == chunk && (b.depth > 0 || b.origin.as_deref() == origin) =>
+                {
                     b.last_used = self.tick;
                     keys.push(key);
                     parent = key;
@@ -102,7 +108,7 @@ impl PrefixCache {
 
     /// Stores the full blocks of `tokens` that `state` (batch 1, no padding, holding exactly
     /// `tokens`) has and the cache lacks, then evicts down to the bound.
-    fn insert(&mut self, root: u64, tokens: &[u32], state: &State) -> Result<()> {
+    fn insert(&mut self, root: u64, origin: Option<&str>, tokens: &[u32], state: &State) -> Result<()> {
         let mut parent = root;
         for (j, chunk) in tokens.chunks_exact(BLOCK).enumerate() {
             let key = chain(parent, chunk);
@@ -118,7 +124,8 @@ impl PrefixCache {
                 }
                 let tokens: [u32; BLOCK] = chunk.try_into().expect("chunks_exact");
                 self.bytes += bytes;
-                self.blocks.insert(key, Block { parent, depth: j, tokens, kv, bytes, last_used: self.tick });
+                let origin = origin.map(String::from);
+                self.blocks.insert(key, Block { parent, origin, depth: j, tokens, kv, bytes, last_used: self.tick });
             }
             parent = key;
         }
@@ -145,11 +152,15 @@ pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut Prefix
     let mut state = model.new_state(vec![0]);
     let mut cache = cache.filter(|c| c.enabled());
     // The state's adapter (`--adapter`) changes every key and value: its own chains.
-    let root = match model.prefix_root() {
-        Some(adapter) => chain(ROOT, &adapter.bytes().map(u32::from).collect::<Vec<_>>()),
+    // (A separator no tokenizer produces, then the adapter's id.)
+    let origin = model.prefix_root();
+    let root = match origin {
+        Some(adapter) => {
+            chain(ROOT, &std::iter::once(u32::MAX).chain(adapter.bytes().map(u32::from)).collect::<Vec<_>>())
+        }
         None => ROOT,
     };
-    let keys = cache.as_deref_mut().map(|c| c.longest(root, tokens)).unwrap_or_default();
+    let keys = cache.as_deref_mut().map(|c| c.longest(root, origin, tokens)).unwrap_or_default();
     let hit = keys.len() * BLOCK;
     if let (Some(c), false) = (cache.as_deref(), keys.is_empty()) {
         for (layer, e) in state.kv.iter_mut().enumerate() {
@@ -166,7 +177,7 @@ pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut Prefix
     if let Some(c) = cache {
         c.stats.hit_tokens += hit as u64;
         c.stats.computed_tokens += (tokens.len() - hit) as u64;
-        c.insert(root, tokens, &state)?;
+        c.insert(root, origin, tokens, &state)?;
     }
     Ok(state)
 }

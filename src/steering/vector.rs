@@ -203,7 +203,10 @@ impl SteeringVector {
     pub fn combine(vectors: &[SteeringVector], name: &str) -> Result<SteeringVector> {
         let first = vectors.first().context("nothing to combine")?;
         for v in vectors {
-            if v.meta.hidden_size != first.meta.hidden_size || v.meta.weights_hash != first.meta.weights_hash {
+            if v.meta.hidden_size != first.meta.hidden_size
+                || v.meta.weights_hash != first.meta.weights_hash
+                || v.meta.adapter != first.meta.adapter
+            {
                 bail!("cannot combine vectors of different models ({} and {})", first.meta.model, v.meta.model);
             }
         }
