@@ -182,3 +182,50 @@ fn extract_images_from_a_graft_directory() {
     let lines = std::fs::read_to_string(&q).unwrap().lines().count();
     assert_eq!(lines, 2 * 2 * n, "item × 2 hook points × {n} tokens × 2 lenses");
 }
+
+/// `probe features` with image rows on a graft directory reads the hybrid (tower + adapter):
+/// `image-mean` at a layer is the mean of its prefill's states at the image positions.
+#[test]
+fn probe_features_with_images_on_a_graft_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path().join("hybrid");
+    let hy = hybrid(&h);
+    let png = common::fixture("tiny-graft").join("tall.png");
+    let data = dir.path().join("d.jsonl");
+    let rows = [("What is this?", "a"), ("Name the shape.", "b")];
+    let text: String =
+        rows.iter().map(|(t, l)| serde_json::json!({"image": png, "text": t, "label": l}).to_string() + "\n").collect();
+    std::fs::write(&data, text).unwrap();
+    let out = dir.path().join("f");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_miniwob-steer"))
+        .args(["probe", "features", "--model"])
+        .arg(&h)
+        .args(["--device", "cpu", "--dtype", "f32", "--layers", "1", "--pool", "image-mean", "--save-dtype", "f32"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "probe features (graft): {}", String::from_utf8_lossy(&o.stderr));
+    let fs = miniwob_steer::probe::FeatureSet::open(&out).unwrap();
+    let (x, _) = fs.load(HookPoint::ResidPost(1)).unwrap();
+    use miniwob_steer::models::engine::VisionEngine;
+    let img = image::open(&png).unwrap().to_rgb8();
+    let input = hy.image_prompt(&[img], rows[1].0).unwrap();
+    let caps = hy.capture(&input, &HookSpec::none().capture(HookPoint::ResidPost(1))).unwrap();
+    let mask = hy.image_mask(&input);
+    let cols: Vec<u32> = (0..mask.len()).filter(|&i| mask[i]).map(|i| i as u32).collect();
+    let n = cols.len();
+    let want = caps
+        .get(HookPoint::ResidPost(1))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .index_select(&Tensor::from_vec(cols, n, &Device::Cpu).unwrap(), 0)
+        .unwrap()
+        .mean(0)
+        .unwrap();
+    let d = (x.get(1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(d, 0.0, "row 1's image-mean feature is not the hybrid's");
+}

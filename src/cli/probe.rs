@@ -288,8 +288,27 @@ fn run_features(a: FeaturesArgs) -> Result<()> {
         o => bail!("--save-dtype {o}: expected f32, f16 or bf16"),
     };
     let ds = data::read(&a.data)?;
-    let m = a.model.load_any()?;
-    let points = miniwob_steer::interp::parse_points(&a.layers, m.decoder().cfg.num_layers)?;
+    // Image rows on a graft directory go through the hybrid (its tower and adapter); text rows
+    // through its LM (`load_any`).
+    let graft = std::path::Path::new(&a.model.model);
+    let hybrid = if miniwob_steer::graft::is_graft_dir(graft) && ds.rows.iter().any(|r| r.image.is_some()) {
+        let device = miniwob_steer::device::parse_device(&a.model.device)?;
+        let mut h =
+            miniwob_steer::graft::Hybrid::load(graft, &device, a.model.dtype.resolve_for(&device, &a.model.model))?;
+        if let Some(ad) = &a.model.adapter {
+            miniwob_steer::models::load::apply_adapter(&mut h.decoder, &mut h.info, ad)?;
+        }
+        Some(h)
+    } else {
+        None
+    };
+    let m = if hybrid.is_none() { Some(a.model.load_any()?) } else { None };
+    let layers = match (&hybrid, &m) {
+        (Some(h), _) => h.decoder.cfg.num_layers,
+        (None, Some(m)) => m.decoder().cfg.num_layers,
+        (None, None) => unreachable!("one of the two is loaded"),
+    };
+    let points = miniwob_steer::interp::parse_points(&a.layers, layers)?;
     let opts = features::Options {
         points,
         pool: a.pool,
@@ -300,7 +319,11 @@ fn run_features(a: FeaturesArgs) -> Result<()> {
         model_spec: a.model.model.clone(),
         dataset: a.data.display().to_string(),
     };
-    let man = features::compute(&m, &ds, &opts, &a.out)?;
+    let man = match (&hybrid, &m) {
+        (Some(h), _) => features::compute_vision(h, &ds, &opts, &a.out)?,
+        (None, Some(m)) => features::compute(m, &ds, &opts, &a.out)?,
+        (None, None) => unreachable!("one of the two is loaded"),
+    };
     eprintln!(
         "wrote {}: {} rows × {} hook points ({} classes) in {:.1}s: {:.2} rows/s, {:.0} tokens/s",
         a.out.display(),

@@ -7,9 +7,10 @@
 //! weights hash, hook points, pooling, classes, shards). A shard is written when it fills, so
 //! memory stays flat whatever the dataset's size.
 use super::data::Dataset;
+use crate::models::engine::VisionEngine;
 use crate::models::generate;
 use crate::models::hooks::{HookPoint, HookSpec};
-use crate::models::load::Loaded;
+use crate::models::load::{Loaded, ModelInfo};
 use crate::models::tokenizer::ChatMessage;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -191,19 +192,47 @@ impl Writer {
 
 /// Runs the model over `data` and writes the pooled features to `out`. Returns the manifest.
 pub fn compute(model: &Loaded, data: &Dataset, opts: &Options, out: &Path) -> Result<Manifest> {
+    match model {
+        Loaded::Vlm(vlm) => compute_vision(&**vlm, data, opts, out),
+        Loaded::Text(lm) => {
+            if data.rows.iter().any(|r| r.image.is_some()) {
+                bail!(
+                    "{}: rows with an `image` need a vision-language model (Qwen2-VL or a graft directory); {} is a text model",
+                    opts.dataset,
+                    opts.model_spec
+                );
+            }
+            write_features(&lm.info, &lm.decoder, data, opts, out, |w, spec, pb, tokens| {
+                text_rows(lm, data, opts, spec, w, pb, tokens)
+            })
+        }
+    }
+}
+
+/// [`compute`] on a vision-language model (Qwen2-VL, the graft hybrid): each row alone, its
+/// image (if any) first in the user turn.
+pub fn compute_vision<E: VisionEngine>(vlm: &E, data: &Dataset, opts: &Options, out: &Path) -> Result<Manifest> {
+    write_features(vlm.info(), vlm.decoder(), data, opts, out, |w, spec, pb, tokens| {
+        image_rows(vlm, data, opts, spec, w, pb, tokens)
+    })
+}
+
+type Progress = indicatif::ProgressBar;
+
+/// The writer, the progress bar and the manifest around `rows`, which pushes every row.
+fn write_features(
+    info: &ModelInfo,
+    dec: &crate::models::decoder::Decoder,
+    data: &Dataset,
+    opts: &Options,
+    out: &Path,
+    rows: impl FnOnce(&mut Writer, &HookSpec, &Progress, &mut usize) -> Result<()>,
+) -> Result<Manifest> {
     if !matches!(opts.save_dtype, DType::F32 | DType::F16 | DType::BF16) {
         bail!("features are saved as f32, f16 or bf16, not {:?}", opts.save_dtype);
     }
-    let has_images = data.rows.iter().any(|r| r.image.is_some());
-    if has_images && !matches!(model, Loaded::Vlm(_)) {
-        bail!(
-            "{}: rows with an `image` need a vision-language model (Qwen2-VL); {} is a text model",
-            opts.dataset,
-            opts.model_spec
-        );
-    }
-    if opts.pool == Pool::ImageMean && !has_images {
-        bail!("--pool image-mean needs rows with an `image` (Qwen2-VL); {} has none", opts.dataset);
+    if opts.pool == Pool::ImageMean && !data.rows.iter().any(|r| r.image.is_some()) {
+        bail!("--pool image-mean needs rows with an `image` (a VLM); {} has none", opts.dataset);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let rows_jsonl = std::io::BufWriter::new(
@@ -221,84 +250,13 @@ pub fn compute(model: &Loaded, data: &Dataset, opts: &Options, out: &Path) -> Re
         rows_jsonl,
     };
     let spec = opts.points.iter().fold(HookSpec::none(), |s, &p| s.capture(p));
-    let dec = model.decoder();
-    let tok = model.tokenizer();
     let t0 = std::time::Instant::now();
     let mut tokens = 0usize;
     let pb = crate::interp::progress(data.rows.len() as u64, "probe features");
-    let shard_rows = opts.shard_rows.max(1);
-    match model {
-        Loaded::Text(_) => {
-            let pad = tok.pad_token_id().unwrap_or(0);
-            for (b, chunk) in data.rows.chunks(opts.batch.max(1)).enumerate() {
-                let mut ids = Vec::with_capacity(chunk.len());
-                for r in chunk {
-                    let v = encode_text(tok, &r.text, opts.chat)?;
-                    if v.is_empty() {
-                        bail!("{}: row {} encodes to no tokens", opts.dataset, b * opts.batch.max(1) + ids.len());
-                    }
-                    ids.push(v);
-                }
-                let (_logits, caps, pads) = generate::prefill(dec, &ids, pad, &spec)?;
-                let states: Vec<Tensor> = opts
-                    .points
-                    .iter()
-                    .map(|&p| Ok(caps.get(p)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?))
-                    .collect::<Result<_>>()?;
-                for (k, r) in chunk.iter().enumerate() {
-                    let row = b * opts.batch.max(1) + k;
-                    let n = ids[k].len();
-                    tokens += n;
-                    let pooled = states
-                        .iter()
-                        .map(|s| pool(&s.get(k)?.narrow(0, pads[k], n)?, opts.pool, &[]))
-                        .collect::<Result<Vec<_>>>()?;
-                    w.push(
-                        row,
-                        data.class_of(r),
-                        pooled,
-                        json!({"label": r.label, "tokens": n, "meta": r.meta}),
-                        shard_rows,
-                    )?;
-                    pb.inc(1);
-                }
-            }
-        }
-        Loaded::Vlm(vlm) => {
-            for (row, r) in data.rows.iter().enumerate() {
-                let images = match &r.image {
-                    Some(p) => vec![image::open(p)
-                        .with_context(|| format!("{}: row {row}: reading image {}", opts.dataset, p.display()))?
-                        .to_rgb8()],
-                    None => vec![],
-                };
-                let input = vlm.user_prompt(&images, &r.text)?;
-                let mut caps = Default::default();
-                vlm.prefill(std::slice::from_ref(&input), &spec, &mut caps, false)?;
-                let image: Vec<bool> = input.ids.iter().map(|&i| i == vlm.cfg.image_token_id).collect();
-                tokens += input.ids.len();
-                let pooled = opts
-                    .points
-                    .iter()
-                    .map(|&p| {
-                        pool(
-                            &caps.get(p)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.squeeze(0)?,
-                            opts.pool,
-                            &image,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()
-                    .with_context(|| format!("{}: row {row}", opts.dataset))?;
-                let meta = json!({"label": r.label, "tokens": input.ids.len(), "image_tokens": image.iter().filter(|&&x| x).count(), "meta": r.meta});
-                w.push(row, data.class_of(r), pooled, meta, shard_rows)?;
-                pb.inc(1);
-            }
-        }
-    }
+    rows(&mut w, &spec, &pb, &mut tokens)?;
     w.flush()?;
     w.rows_jsonl.flush()?;
     pb.finish_and_clear();
-    let info = model.info();
     let m = Manifest {
         format: FORMAT.into(),
         model: info.name.clone(),
@@ -323,6 +281,85 @@ pub fn compute(model: &Loaded, data: &Dataset, opts: &Options, out: &Path) -> Re
     let p = out.join("manifest.json");
     std::fs::write(&p, serde_json::to_string_pretty(&m)? + "\n").with_context(|| format!("writing {}", p.display()))?;
     Ok(m)
+}
+
+/// Text rows, batched (left-padded; the values do not depend on the batch).
+fn text_rows(
+    lm: &crate::models::load::LoadedModel,
+    data: &Dataset,
+    opts: &Options,
+    spec: &HookSpec,
+    w: &mut Writer,
+    pb: &Progress,
+    tokens: &mut usize,
+) -> Result<()> {
+    let (dec, tok) = (&lm.decoder, &lm.tokenizer);
+    let shard_rows = opts.shard_rows.max(1);
+    let pad = tok.pad_token_id().unwrap_or(0);
+    for (b, chunk) in data.rows.chunks(opts.batch.max(1)).enumerate() {
+        let mut ids = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let v = encode_text(tok, &r.text, opts.chat)?;
+            if v.is_empty() {
+                bail!("{}: row {} encodes to no tokens", opts.dataset, b * opts.batch.max(1) + ids.len());
+            }
+            ids.push(v);
+        }
+        let (_logits, caps, pads) = generate::prefill(dec, &ids, pad, spec)?;
+        let states: Vec<Tensor> = opts
+            .points
+            .iter()
+            .map(|&p| Ok(caps.get(p)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?))
+            .collect::<Result<_>>()?;
+        for (k, r) in chunk.iter().enumerate() {
+            let row = b * opts.batch.max(1) + k;
+            let n = ids[k].len();
+            *tokens += n;
+            let pooled = states
+                .iter()
+                .map(|s| pool(&s.get(k)?.narrow(0, pads[k], n)?, opts.pool, &[]))
+                .collect::<Result<Vec<_>>>()?;
+            w.push(row, data.class_of(r), pooled, json!({"label": r.label, "tokens": n, "meta": r.meta}), shard_rows)?;
+            pb.inc(1);
+        }
+    }
+    Ok(())
+}
+
+/// Rows of a VLM, one prefill each.
+fn image_rows<E: VisionEngine>(
+    vlm: &E,
+    data: &Dataset,
+    opts: &Options,
+    spec: &HookSpec,
+    w: &mut Writer,
+    pb: &Progress,
+    tokens: &mut usize,
+) -> Result<()> {
+    let shard_rows = opts.shard_rows.max(1);
+    for (row, r) in data.rows.iter().enumerate() {
+        let images = match &r.image {
+            Some(p) => vec![image::open(p)
+                .with_context(|| format!("{}: row {row}: reading image {}", opts.dataset, p.display()))?
+                .to_rgb8()],
+            None => vec![],
+        };
+        let input = vlm.image_prompt(&images, &r.text)?;
+        let caps = vlm.capture(&input, spec)?;
+        let image = vlm.image_mask(&input);
+        let n = E::ids(&input).len();
+        *tokens += n;
+        let pooled = opts
+            .points
+            .iter()
+            .map(|&p| pool(&caps.get(p)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.squeeze(0)?, opts.pool, &image))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("{}: row {row}", opts.dataset))?;
+        let meta = json!({"label": r.label, "tokens": n, "image_tokens": image.iter().filter(|&&x| x).count(), "meta": r.meta});
+        w.push(row, data.class_of(r), pooled, meta, shard_rows)?;
+        pb.inc(1);
+    }
+    Ok(())
 }
 
 /// A features directory opened for reading.
