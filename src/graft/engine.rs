@@ -38,6 +38,30 @@ impl Hybrid {
         self.cfg.image_token_id
     }
 
+    /// One batch-1 prefill per row (`specs[r]` its hooks), each distinct screenshot through the
+    /// tower and the adapter once: the rows of one call (an episode's, a CAA pair's) share it.
+    fn prefill_rows(&self, rows: &[&HybridInput], specs: &[HookSpec]) -> Result<Vec<(Tensor, State, Captures)>> {
+        let mut seen: Vec<(&crate::models::qwen2_vl::processor::Processed, Tensor)> = Vec::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for (r, spec) in rows.iter().zip(specs) {
+            let img = match &r.image {
+                Some(p) => Some(match seen.iter().find(|(q, _)| *q == p) {
+                    Some((_, t)) => t.clone(),
+                    None => {
+                        let t = self.adapter.forward(&self.vision_features(p)?)?;
+                        seen.push((p, t.clone()));
+                        t
+                    }
+                }),
+                None => None,
+            };
+            let mut caps = Captures::default();
+            let (logits, state) = self.prefill_embedded(&r.ids, img.as_ref(), spec, &mut caps)?;
+            out.push((logits, state, caps));
+        }
+        Ok(out)
+    }
+
     /// A row's states at `point` at its image positions (`[tokens, hidden]`, f32 on the CPU),
     /// from a batch-1 prefill's captures.
     fn image_states(&self, caps: &Captures, point: HookPoint, ids: &[u32]) -> Result<Tensor> {
@@ -90,14 +114,14 @@ impl Engine for Hybrid {
             && spec.interventions.iter().all(|iv| iv.positions == Positions::Last);
         if !forkable {
             // Each row alone, its hooks at every position they select.
-            return rows
-                .iter()
-                .enumerate()
-                .map(|(r, input)| {
-                    let mut s = row_spec(spec, r);
-                    s.captures.extend(capture);
-                    let mut caps = Captures::default();
-                    let (logits, mut state) = self.prefill(input, &s, &mut caps)?;
+            let specs: Vec<HookSpec> = (0..rows.len()).map(|r| row_spec(spec, r)).collect();
+            let prefill_specs: Vec<HookSpec> =
+                specs.iter().map(|s| capture.iter().fold(s.clone(), |s, &p| s.capture(p))).collect();
+            let prefilled = self.prefill_rows(rows, &prefill_specs)?;
+            return prefilled
+                .into_iter()
+                .zip(rows.iter().zip(&specs))
+                .map(|((logits, mut state, caps), (input, s))| {
                     let image_states = capture.map(|p| self.image_states(&caps, p, &input.ids)).transpose()?;
                     let g = generate::continue_generation(
                         &self.decoder,
@@ -105,7 +129,7 @@ impl Engine for Hybrid {
                         logits,
                         &[&input.ids[..]],
                         cfg,
-                        &row_spec(spec, r),
+                        s,
                         &mut Captures::default(),
                     )?;
                     Ok(RowGeneration { generation: g.into_iter().next().context("no generation")?, image_states })
@@ -115,7 +139,7 @@ impl Engine for Hybrid {
         let mut unique: Vec<&HybridInput> = Vec::new();
         let mut row_of = Vec::with_capacity(rows.len());
         for r in rows {
-            match unique.iter().position(|u| u.ids == r.ids && u.image == r.image) {
+            match unique.iter().position(|u| u == r) {
                 Some(i) => row_of.push(i),
                 None => {
                     row_of.push(unique.len());
@@ -124,16 +148,20 @@ impl Engine for Hybrid {
             }
         }
         let prefix_spec = capture.iter().fold(HookSpec::none(), |s, &p| s.capture(p));
-        let mut prefixes = Vec::with_capacity(unique.len());
+        let prefixes: Vec<HybridInput> = unique
+            .iter()
+            .map(|u| HybridInput { ids: u.ids[..u.ids.len() - 1].to_vec(), image: u.image.clone() })
+            .collect();
+        let prefix_refs: Vec<&HybridInput> = prefixes.iter().collect();
+        let mut states = Vec::with_capacity(unique.len());
         let mut unique_states = Vec::with_capacity(unique.len());
-        for u in &unique {
-            let prefix = HybridInput { ids: u.ids[..u.ids.len() - 1].to_vec(), image: u.image.clone() };
-            let mut caps = Captures::default();
-            let (_, state) = self.prefill(&prefix, &prefix_spec, &mut caps)?;
+        for ((_, state, caps), prefix) in
+            self.prefill_rows(&prefix_refs, &vec![prefix_spec; unique.len()])?.into_iter().zip(&prefixes)
+        {
             unique_states.push(capture.map(|p| self.image_states(&caps, p, &prefix.ids)).transpose()?);
-            prefixes.push(state);
+            states.push(state);
         }
-        let mut state = State::merge(&prefixes)?.select_rows(&row_of)?;
+        let mut state = State::merge(&states)?.select_rows(&row_of)?;
         let last: Vec<u32> = row_of.iter().map(|&u| *unique[u].ids.last().expect("checked above")).collect();
         let last = Tensor::from_vec(last, (row_of.len(), 1), self.device())?;
         let mut caps = Captures::default();
@@ -157,10 +185,9 @@ impl Engine for Hybrid {
         if !spec.interventions.is_empty() {
             bail!("last_states takes captures only, found {} interventions", spec.interventions.len());
         }
+        let refs: Vec<&HybridInput> = rows.iter().collect();
         let mut per_point: BTreeMap<HookPoint, Vec<Tensor>> = BTreeMap::new();
-        for r in rows {
-            let mut caps = Captures::default();
-            self.prefill(r, spec, &mut caps)?;
+        for (_, _, caps) in self.prefill_rows(&refs, &vec![spec.clone(); rows.len()])? {
             for &p in &spec.captures {
                 let h = caps.get(p)?;
                 let seq = h.dim(1)?;
@@ -171,12 +198,10 @@ impl Engine for Hybrid {
     }
 
     fn prompt_states(&self, rows: &[&HybridInput], point: HookPoint) -> Result<Vec<Tensor>> {
-        rows.iter()
-            .map(|r| {
-                let mut caps = Captures::default();
-                self.prefill(r, &HookSpec::none().capture(point), &mut caps)?;
-                Ok(caps.get(point)?.squeeze(0)?)
-            })
+        let spec = HookSpec::none().capture(point);
+        self.prefill_rows(rows, &vec![spec; rows.len()])?
+            .into_iter()
+            .map(|(_, _, caps)| Ok(caps.get(point)?.squeeze(0)?))
             .collect()
     }
 
@@ -198,7 +223,7 @@ impl AgentModel for Hybrid {
     }
 
     fn image_grid(input: &HybridInput) -> Option<[usize; 3]> {
-        input.image.as_ref().map(|i| i.grid_thw)
+        Self::grids(input).first().copied()
     }
 }
 

@@ -360,9 +360,25 @@ impl Hybrid {
     /// Prefill of one row: logits of the last position `[1, 1, vocab]` and the KV state; hooks on
     /// the LM see which columns are image tokens (`image` / `text` selectors).
     pub fn prefill(&self, input: &HybridInput, spec: &HookSpec, caps: &mut Captures) -> Result<(Tensor, State)> {
-        let xs = self.input_embeds(input)?;
+        let img = match &input.image {
+            Some(p) => Some(self.adapter.forward(&self.vision_features(p)?)?),
+            None => None,
+        };
+        self.prefill_embedded(&input.ids, img.as_ref(), spec, caps)
+    }
+
+    /// [`prefill`](Self::prefill) with the image's adapted features given (`[tokens, hidden]`),
+    /// so rows that share a screenshot run the tower once.
+    pub fn prefill_embedded(
+        &self,
+        ids: &[u32],
+        image_embeds: Option<&Tensor>,
+        spec: &HookSpec,
+        caps: &mut Captures,
+    ) -> Result<(Tensor, State)> {
+        let xs = self.embeds(ids, image_embeds)?;
         let mut state = self.decoder.new_state(vec![0]);
-        let image: Vec<bool> = input.ids.iter().map(|&t| t == self.cfg.image_token_id).collect();
+        let image: Vec<bool> = ids.iter().map(|&t| t == self.cfg.image_token_id).collect();
         let step = StepInfo::prefill(vec![0]).with_modality(vec![image]);
         let logits = self.decoder.forward_embeds(xs, &mut state, &step, spec, caps, false)?;
         Ok((logits, state))
