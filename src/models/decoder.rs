@@ -441,14 +441,14 @@ impl Decoder {
         sin: &Tensor,
         mask: Option<&Tensor>,
         state: &mut State,
-        rows: &[Option<u16>],
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (b, seq, _) = xs.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let a = &layer.attn;
+        let rows: Vec<Option<u16>> = (0..b).map(|r| state.adapter(r)).collect();
         let proj = |lin: &Linear, t: L, bias: &Option<Tensor>, heads: usize| {
-            split_heads(self.project(lin, idx, t, xs, rows)?, bias, (b, seq, heads, hd))
+            split_heads(self.project(lin, idx, t, xs, &rows)?, bias, (b, seq, heads, hd))
         };
         let mut q = proj(&a.q, L::Q, &a.q_bias, nh)?;
         let mut k = proj(&a.k, L::K, &a.k_bias, nkv)?;
@@ -485,7 +485,7 @@ impl Decoder {
             let out = kernels::with_f32(&q, |q| {
                 kernels::with_f32(&k, |k| kernels::with_f32(&v, |v| Ok(kernels::attention(q, k, v, &shape))))
             })?;
-            return self.project(&a.o, idx, L::O, &Tensor::from_vec(out, (b, seq, nh * hd), &self.device)?, rows);
+            return self.project(&a.o, idx, L::O, &Tensor::from_vec(out, (b, seq, nh * hd), &self.device)?, &rows);
         }
         let n_rep = nh / nkv;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
@@ -499,7 +499,7 @@ impl Decoder {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
-        self.project(&a.o, idx, L::O, &out, rows)
+        self.project(&a.o, idx, L::O, &out, &rows)
     }
 
     fn mlp(&self, m: &Mlp, idx: usize, xs: &Tensor, rows: &[Option<u16>]) -> Result<Tensor> {
@@ -624,9 +624,8 @@ impl Decoder {
             }
             None => self.rope_tables(state, seq)?,
         };
-        // Each row's adapter, read once for every layer's projections.
-        let rows: Vec<Option<u16>> = (0..b).map(|r| state.adapter(r)).collect();
         // The CPU f32 attention kernel masks by itself.
+        let rows: Vec<Option<u16>> = (0..b).map(|r| state.adapter(r)).collect();
         let masked = !self.batch_invariant();
         let full_mask = if masked { self.mask(state, seq, None)? } else { None };
         let window_mask = match cfg.sliding_window {
@@ -639,7 +638,7 @@ impl Decoder {
             }
             let mask = if layer.sliding { window_mask.as_ref() } else { full_mask.as_ref() };
             let h = rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps)?;
-            let mut h = self.attention(layer, i, &h, &cos, &sin, mask, state, &rows)?;
+            let mut h = self.attention(layer, i, &h, &cos, &sin, mask, state)?;
             if cfg.post_norms {
                 h = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps)?;
             }
