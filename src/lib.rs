@@ -9,5 +9,6 @@ pub mod interp;
 pub mod models;
 pub mod probe;
 pub mod protocol;
+pub mod stage;
 pub mod steering;
 pub mod util;

@@ -4,13 +4,9 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes tensors with string metadata to a safetensors file atomically (temp file, then
-/// rename), so an interrupted write never leaves a truncated file under the final name.
-pub fn save_safetensors(
-    tensors: &HashMap<String, Tensor>,
-    metadata: &HashMap<String, String>,
-    path: &Path,
-) -> Result<()> {
+/// Tensors with string metadata as the bytes of a safetensors file (f32/f16/bf16/f64/i64/u32/u8
+/// kept as they are, other dtypes as f32): files, and the stage RPC's request and reply bodies.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
     struct View {
         dtype: safetensors::Dtype,
         shape: Vec<usize>,
@@ -48,14 +44,39 @@ pub fn save_safetensors(
         views.push((name.clone(), View { dtype, shape: t.dims().to_vec(), bytes }));
     }
     let refs: Vec<(&str, &View)> = views.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    Ok(safetensors::serialize(refs, Some(metadata.clone()))?)
+}
+
+/// Writes tensors with string metadata to a safetensors file atomically (temp file, then
+/// rename), so an interrupted write never leaves a truncated file under the final name.
+pub fn save_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let list: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let bytes = safetensors_bytes(&list, metadata).with_context(|| format!("writing {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp =
+    let mut tmp =
         tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    safetensors::serialize_to_file(refs, Some(metadata.clone()), tmp.path())
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// sha256 of a whole file, hex (64 digits).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Reads the string metadata of a safetensors file.

@@ -520,7 +520,10 @@ pub fn run_query(a: QueryArgs) -> Result<()> {
                     .to_string()
             }
         };
-        Some(ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone(), adapter: None }.load_any()?)
+        Some(
+            ModelArgs { model: spec, dtype: a.dtype, device: a.device.clone(), adapter: None, stages: None }
+                .load_any()?,
+        )
     } else {
         None
     };

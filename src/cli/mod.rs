@@ -11,6 +11,8 @@ pub mod interp;
 pub mod models;
 pub mod probe;
 pub mod run;
+pub mod split;
+pub mod stage;
 pub mod vector;
 
 #[derive(Parser)]
@@ -48,6 +50,10 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Hybrid vision + language models: init, train, eval, data, bench (docs/graft.md).
     Graft(graft::GraftArgs),
+    /// Split a model into pipeline stages, one directory per stage (docs/stages.md).
+    Split(split::SplitArgs),
+    /// Pipeline stages: serve one stage of a split model (docs/stages.md).
+    Stage(stage::StageArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -70,5 +76,7 @@ pub fn main() -> Result<()> {
         Command::CheckGoldens(a) => goldens::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Graft(a) => graft::run(a),
+        Command::Split(a) => split::run_split(a),
+        Command::Stage(a) => stage::run(a),
     }
 }

@@ -28,9 +28,21 @@ pub struct ModelArgs {
     /// adapter_model.safetensors) applied to every row, unmerged.
     #[arg(long)]
     pub adapter: Option<String>,
+    /// Pipeline stages (`stage serve` addresses, in order) instead of a local model: the model
+    /// is the one they were split from (docs/stages.md).
+    #[arg(long, conflicts_with = "model")]
+    pub stages: Option<String>,
 }
 
 impl ModelArgs {
+    /// The model spec: `--model`, or `stages:ADDR,…` with `--stages`.
+    pub fn spec(&self) -> String {
+        match &self.stages {
+            Some(s) => format!("{}{s}", miniwob_steer::stage::client::SCHEME),
+            None => self.model.clone(),
+        }
+    }
+
     /// A text model, or a Qwen2-VL with its vision tower.
     pub fn load_any(&self) -> Result<miniwob_steer::models::load::Loaded> {
         use miniwob_steer::models::load::{apply_adapter, Loaded};
@@ -43,7 +55,7 @@ impl ModelArgs {
             let spec = lm.display().to_string();
             Loaded::load(&spec, &parse_device(&self.device)?, self.dtype)?
         } else {
-            Loaded::load(&self.model, &parse_device(&self.device)?, self.dtype)?
+            Loaded::load(&self.spec(), &parse_device(&self.device)?, self.dtype)?
         };
         if let Some(a) = &self.adapter {
             match &mut m {
@@ -56,7 +68,7 @@ impl ModelArgs {
 
     pub fn load(&self) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
-        LoadedModel::load(&self.model, &device, self.dtype.resolve_for(&device, &self.model))?
+        LoadedModel::load(&self.spec(), &device, self.dtype.resolve_for(&device, &self.model))?
             .with_adapter(self.adapter.as_deref())
     }
 }

@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// model, else qwen-coder-0.5b].
     #[arg(long)]
     pub model: Option<String>,
+    /// Pipeline stages (`stage serve` addresses, in order) instead of a local model
+    /// (docs/stages.md).
+    #[arg(long, conflicts_with = "model")]
+    pub stages: Option<String>,
     /// Weight dtype: auto, f32, f16, bf16 or gguf [default: auto = bf16 on a GPU; on the CPU gguf for a GGUF checkpoint, else f32].
     #[arg(long)]
     pub dtype: Option<DTypeChoice>,
@@ -194,7 +198,9 @@ fn settings(a: &RunArgs) -> Result<Settings> {
         if out.extension().is_some_and(|e| e == "json") {
             bail!("--out {}: use a .jsonl file (one line per episode)", out.display());
         }
-        let model = a.model.clone().or(f.models.first().cloned()).unwrap_or_else(|| registry::DEFAULT_MODEL.into());
+        let stages = a.stages.as_ref().map(|s| format!("{}{s}", miniwob_steer::stage::client::SCHEME));
+        let model =
+            stages.or(a.model.clone()).or(f.models.first().cloned()).unwrap_or_else(|| registry::DEFAULT_MODEL.into());
         Ok(Settings {
             experiment: a.name.clone().or(f.name.clone()).unwrap_or_else(|| "exp12".into()),
             model: model.clone(),

@@ -253,9 +253,7 @@ pub fn response_loss(
 }
 
 fn sha256_file(p: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let b = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(hex::encode(&Sha256::digest(&b)[..8]))
+    Ok(crate::util::sha256_file(p)?[..16].to_string())
 }
 
 /// The order of samples in epoch `epoch`.

@@ -67,7 +67,7 @@ pub struct EmbeddingLens {
 
 impl EmbeddingLens {
     pub fn new(decoder: &Decoder) -> Result<Self> {
-        Ok(Self { normed: l2_normalize(&decoder.embedding_matrix().to_dtype(DType::F32)?)? })
+        Ok(Self { normed: l2_normalize(&decoder.embedding_matrix()?.to_dtype(DType::F32)?)? })
     }
 
     /// `x`: `[n, hidden]` → per row the k best `(token id, cosine)`.

@@ -5,7 +5,7 @@ use super::hooks::{self, Captures, HookPoint, HookSpec, StepInfo};
 use super::kernels::{self, AttnShape};
 use super::lora::LoraAdapter;
 use super::weights::{LayerTensor as L, Linear, Name, Weights};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -40,6 +40,15 @@ struct Layer {
     sliding: bool,
 }
 
+/// Features spliced into the token embeddings (a VLM's image tokens): column `c` of the flattened
+/// `[batch · seq]` embeddings becomes row `gather[c]` of `[embeddings; feats]`.
+#[derive(Debug, Clone)]
+pub struct Splice {
+    /// `[image tokens, hidden]`.
+    pub feats: Tensor,
+    pub gather: Vec<u32>,
+}
+
 /// Per-sequence generation state: the KV cache and where each row's real tokens start.
 #[derive(Debug, Clone, Default)]
 pub struct State {
@@ -52,6 +61,10 @@ pub struct State {
     /// Per row, the LoRA adapter its projections apply ([`Decoder::adapters`] index); empty or
     /// `None` = the base model.
     pub adapters: Vec<Option<u16>>,
+    /// A decoder served by pipeline stages: its keys and values live on the stages, under this
+    /// handle (`kv` is empty). Shared by clones until one of them runs a forward, which forks
+    /// it first, so a clone behaves like a copy of a local state.
+    pub remote: Option<Arc<crate::stage::client::RemoteState>>,
 }
 
 impl State {
@@ -67,6 +80,15 @@ impl State {
     /// A state whose row `i` is a copy of this state's row `rows[i]`: prefill a shared prefix
     /// once, then fork it into the rows that differ only after it.
     pub fn select_rows(&self, rows: &[usize]) -> Result<State> {
+        if let Some(r) = &self.remote {
+            return Ok(State {
+                kv: Vec::new(),
+                left_pad: rows.iter().map(|&i| self.left_pad[i]).collect(),
+                cols: self.cols,
+                adapters: rows.iter().map(|&i| self.adapter(i)).collect(),
+                remote: Some(r.fork(rows)?),
+            });
+        }
         let dev = self.kv.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
         let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
         let kv = self
@@ -82,6 +104,7 @@ impl State {
             left_pad: rows.iter().map(|&r| self.left_pad[r]).collect(),
             cols: self.cols,
             adapters: rows.iter().map(|&r| self.adapter(r)).collect(),
+            remote: None,
         })
     }
 
@@ -89,6 +112,17 @@ impl State {
     /// continues `states[i]`. Padding columns are masked, so each row computes what it would alone.
     pub fn merge(states: &[State]) -> Result<State> {
         let cols = states.iter().map(|s| s.cols).max().unwrap_or(0);
+        if let Some(first) = states.first().and_then(|s| s.remote.as_ref()) {
+            let handles = states
+                .iter()
+                .map(|s| {
+                    s.remote.clone().ok_or_else(|| anyhow::anyhow!("State::merge: a local state among remote ones"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let left_pad = states.iter().map(|s| cols - s.cols + s.left_pad[0]).collect();
+            let adapters = states.iter().map(|s| s.adapter(0)).collect();
+            return Ok(State { kv: Vec::new(), left_pad, cols, adapters, remote: Some(first.merge(&handles, cols)?) });
+        }
         let layers = states.first().map_or(0, |s| s.kv.len());
         let mut kv = Vec::with_capacity(layers);
         for l in 0..layers {
@@ -113,13 +147,33 @@ impl State {
             kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
         let left_pad = states.iter().map(|s| cols - s.cols + s.left_pad[0]).collect();
-        Ok(State { kv, left_pad, cols, adapters: states.iter().map(|s| s.adapter(0)).collect() })
+        Ok(State { kv, left_pad, cols, adapters: states.iter().map(|s| s.adapter(0)).collect(), remote: None })
+    }
+}
+
+/// Which part of a decoder a process holds: all of it, or one pipeline stage's (docs/stages.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Global layer indices held.
+    pub layers: std::ops::Range<usize>,
+    /// The token embedding (the first stage).
+    pub embed: bool,
+    /// The final norm and the LM head (the last stage).
+    pub head: bool,
+}
+
+impl Part {
+    pub fn whole(num_layers: usize) -> Self {
+        Part { layers: 0..num_layers, embed: true, head: true }
     }
 }
 
 pub struct Decoder {
     pub cfg: DecoderConfig,
+    /// What this process holds; the rest of the model is on other stages or absent.
+    part: Part,
     embed: Tensor,
+    /// Layers `part.layers`, in order.
     layers: Vec<Layer>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -130,6 +184,8 @@ pub struct Decoder {
     adapters: Vec<Arc<LoraAdapter>>,
     /// The adapter of every row of a new state (`--adapter`): the whole model is the adapted one.
     default_adapter: Option<u16>,
+    /// A driver's decoder (`--stages`): every forward runs on the stages.
+    remote: Option<Arc<crate::stage::client::Pipeline>>,
 }
 
 fn inv_freq(cfg: &DecoderConfig) -> Result<Vec<f32>> {
@@ -230,16 +286,59 @@ fn softcap(xs: &Tensor, cap: Option<f64>) -> Result<Tensor> {
 
 impl Decoder {
     pub fn load(cfg: DecoderConfig, w: &Weights) -> Result<Self> {
+        let part = Part::whole(cfg.num_layers);
+        Self::load_part(cfg, w, part)
+    }
+
+    /// A driver's decoder over pipeline stages: the config only, no tensors; every forward is
+    /// sent to `pipeline`.
+    pub fn remote(cfg: DecoderConfig, pipeline: Arc<crate::stage::client::Pipeline>) -> Result<Self> {
         let h = cfg.hidden_size;
+        Ok(Self {
+            inv_freq: inv_freq(&cfg)?,
+            part: Part { layers: 0..0, embed: false, head: false },
+            embed: Tensor::zeros((0, h), DType::F32, &Device::Cpu)?,
+            layers: Vec::new(),
+            final_norm: Tensor::zeros(0, DType::F32, &Device::Cpu)?,
+            lm_head: Linear::Dense(Tensor::zeros((0, h), DType::F32, &Device::Cpu)?),
+            device: Device::Cpu,
+            dtype: pipeline.dtype(),
+            adapters: Vec::new(),
+            default_adapter: None,
+            remote: Some(pipeline),
+            cfg,
+        })
+    }
+
+    /// The stages a driver's decoder runs on.
+    pub fn pipeline(&self) -> Option<&Arc<crate::stage::client::Pipeline>> {
+        self.remote.as_ref()
+    }
+
+    pub fn part(&self) -> &Part {
+        &self.part
+    }
+
+    /// Only the tensors of `part` (one pipeline stage's: the others are not in `w`).
+    pub fn load_part(cfg: DecoderConfig, w: &Weights, part: Part) -> Result<Self> {
+        let h = cfg.hidden_size;
+        if part.layers.end > cfg.num_layers || part.layers.start > part.layers.end {
+            bail!("layers {:?} of a {}-layer model", part.layers, cfg.num_layers);
+        }
         let (nh, nkv, hd, im) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let dtype = w.dtype.compute();
         let norm = |name: Name| -> Result<Tensor> {
             let t = w.vector(name, h)?;
             Ok(if cfg.norm_offset != 0.0 { (t + cfg.norm_offset)? } else { t })
         };
-        let embed = w.dense_f32(Name::Embed, &[cfg.vocab_size, h])?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
+        let tied = cfg.tie_word_embeddings || !w.has(Name::LmHead);
+        let embed = if part.embed || (part.head && tied && w.dtype != super::weights::WeightDType::Gguf) {
+            w.dense_f32(Name::Embed, &[cfg.vocab_size, h])?
+        } else {
+            Tensor::zeros((0, h), DType::F32, &w.device)?
+        };
+        let mut layers = Vec::with_capacity(part.layers.len());
+        for i in part.layers.clone() {
             let n = |t: L| Name::Layer(i, t);
             let bias = |t: L, size: usize| -> Result<Option<Tensor>> {
                 if cfg.qkv_bias {
@@ -272,8 +371,10 @@ impl Decoder {
                 sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
             });
         }
-        let final_norm = norm(Name::FinalNorm)?;
-        let lm_head = if cfg.tie_word_embeddings || !w.has(Name::LmHead) {
+        let final_norm = if part.head { norm(Name::FinalNorm)? } else { Tensor::zeros(0, DType::F32, &w.device)? };
+        let lm_head = if !part.head {
+            Linear::Dense(Tensor::zeros((0, h), dtype, &w.device)?)
+        } else if tied {
             if !cfg.tie_word_embeddings {
                 tracing::warn!("no lm_head tensor although the config says untied; tying to the embedding");
             }
@@ -288,6 +389,8 @@ impl Decoder {
         Ok(Self {
             inv_freq: inv_freq(&cfg)?,
             cfg,
+            part,
+            remote: None,
             embed,
             layers,
             final_norm,
@@ -316,7 +419,8 @@ impl Decoder {
     /// A fresh state; every row gets the default adapter (none unless `--adapter`).
     pub fn new_state(&self, left_pad: Vec<usize>) -> State {
         let adapters = vec![self.default_adapter; left_pad.len()];
-        State { kv: vec![None; self.cfg.num_layers], left_pad, cols: 0, adapters }
+        let remote = self.remote.as_ref().map(|p| p.new_state());
+        State { kv: vec![None; self.layers.len()], left_pad, cols: 0, adapters, remote }
     }
 
     /// Makes `adapter` available to rows (its index in [`adapters`](Self::adapters)).
@@ -436,6 +540,7 @@ impl Decoder {
         &self,
         layer: &Layer,
         idx: usize,
+        slot: usize,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
@@ -462,11 +567,11 @@ impl Decoder {
         }
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match &state.kv[idx] {
+        let (k, v) = match &state.kv[slot] {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
         };
-        state.kv[idx] = Some((k.clone(), v.clone()));
+        state.kv[slot] = Some((k.clone(), v.clone()));
         if self.batch_invariant() {
             // The batch-invariant kernel: per query over its row's own keys, in position order.
             let shape = AttnShape {
@@ -515,6 +620,9 @@ impl Decoder {
 
     /// Embeds token ids `[batch, seq]` (`hook_embed` is after Gemma's scaling).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        if !self.part.embed {
+            bail!("{}: the token embedding is on the first pipeline stage", self.where_());
+        }
         let (b, seq) = ids.dims2()?;
         let e = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, seq, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {
@@ -539,8 +647,89 @@ impl Decoder {
         caps: &mut Captures,
         all_logits: bool,
     ) -> Result<Tensor> {
+        self.forward_ids(ids, None, state, step, spec, caps, all_logits, None)
+    }
+
+    /// [`forward`](Self::forward) with features spliced into the embeddings (a VLM's image
+    /// tokens) and optional rotary tables (see [`forward_embeds_rope`](Self::forward_embeds_rope)).
+    /// The one entry that also runs on pipeline stages: the embedding is on the first.
+    #[allow(clippy::too_many_arguments)] // forward's arguments plus the splice and the override
+    pub fn forward_ids(
+        &self,
+        ids: &Tensor,
+        splice: Option<&Splice>,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        all_logits: bool,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        if let Some(p) = &self.remote {
+            let out = p.forward(self, ids, splice, state, step, spec, caps, Some(all_logits), rope)?;
+            return out.context("the last stage returned no logits");
+        }
+        let xs = self.embed_spliced(ids, splice)?;
+        self.forward_embeds_rope(xs, state, step, spec, caps, all_logits, rope)
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of `ids` with `splice`'s features in place.
+    pub fn embed_spliced(&self, ids: &Tensor, splice: Option<&Splice>) -> Result<Tensor> {
         let xs = self.embed(ids)?;
-        self.forward_embeds(xs, state, step, spec, caps, all_logits)
+        let Some(sp) = splice else { return Ok(xs) };
+        let (b, seq, h) = xs.dims3()?;
+        let k = sp.gather.iter().filter(|&&g| g as usize >= b * seq).count();
+        if sp.feats.dims() != [k, h] || sp.gather.len() != b * seq {
+            bail!(
+                "spliced features {:?} with {} gather indices, expected [{k}, {h}] and {} (one per column)",
+                sp.feats.dims(),
+                sp.gather.len(),
+                b * seq
+            );
+        }
+        let flat = xs.reshape((b * seq, h))?;
+        let all = Tensor::cat(&[&flat, &sp.feats.to_dtype(flat.dtype())?.to_device(flat.device())?], 0)?;
+        let idx = Tensor::from_vec(sp.gather.clone(), b * seq, flat.device())?;
+        Ok(all.index_select(&idx, 0)?.reshape((b, seq, h))?)
+    }
+
+    /// This process's share, for messages: "stage layers 12..24" or "the model".
+    fn where_(&self) -> String {
+        if self.remote.is_some() {
+            "a driver over pipeline stages".into()
+        } else if self.part == Part::whole(self.cfg.num_layers) {
+            "the model".into()
+        } else {
+            format!("the stage holding layers {}..{}", self.part.layers.start, self.part.layers.end)
+        }
+    }
+
+    /// One pipeline stage's share of a forward: from `xs` (token ids `[batch, seq]` on the
+    /// first stage, spliced with `splice`; the previous stage's residual `[batch, seq, hidden]`
+    /// on the others) through this stage's layers, then, on the last stage and when `logits`
+    /// says so, the final norm and head (`Some(all_logits)`). Returns the residual stream, or
+    /// the logits on the last stage.
+    #[allow(clippy::too_many_arguments)] // forward_ids' arguments, one stage's share
+    pub fn forward_part(
+        &self,
+        xs: &Tensor,
+        splice: Option<&Splice>,
+        state: &mut State,
+        step: &StepInfo,
+        spec: &HookSpec,
+        caps: &mut Captures,
+        logits: Option<bool>,
+        rope: Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let xs = if self.part.embed && self.part.layers.start == 0 {
+            self.embed_spliced(xs, splice)?
+        } else {
+            xs.to_dtype(self.dtype)?
+        };
+        match logits {
+            Some(all) if self.part.head => self.forward_embeds_rope(xs, state, step, spec, caps, all, rope),
+            _ => self.layers(xs, state, step, spec, caps, rope),
+        }
     }
 
     /// Like [`forward`](Self::forward) from input embeddings (`[batch, seq, hidden]`), so
@@ -572,6 +761,9 @@ impl Decoder {
         all_logits: bool,
         rope: Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
+        if self.remote.is_some() || !self.part.head {
+            bail!("{}: forward from embeddings needs the whole model in this process", self.where_());
+        }
         let seq = xs.dim(1)?;
         let hooked = !spec.is_empty();
         let xs = self.layers(xs, state, step, spec, caps, rope)?;
@@ -611,7 +803,7 @@ impl Decoder {
         }
         let hooked = !spec.is_empty();
         let mut xs = xs;
-        if hooked && spec.touches(HookPoint::Embed) {
+        if hooked && self.part.layers.start == 0 && spec.touches(HookPoint::Embed) {
             xs = hooks::apply(spec, HookPoint::Embed, xs, step, caps)?;
         }
         let (cos, sin) = match rope {
@@ -632,13 +824,14 @@ impl Decoder {
             Some(w) if masked => self.mask(state, seq, Some(w))?,
             _ => None,
         };
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (j, layer) in self.layers.iter().enumerate() {
+            let i = self.part.layers.start + j;
             if hooked && spec.touches(HookPoint::ResidPre(i)) {
                 xs = hooks::apply(spec, HookPoint::ResidPre(i), xs, step, caps)?;
             }
             let mask = if layer.sliding { window_mask.as_ref() } else { full_mask.as_ref() };
             let h = rms_norm(&xs, &layer.input_norm, cfg.rms_norm_eps)?;
-            let mut h = self.attention(layer, i, &h, &cos, &sin, mask, state)?;
+            let mut h = self.attention(layer, i, j, &h, &cos, &sin, mask, state)?;
             if cfg.post_norms {
                 h = rms_norm(&h, &layer.post_attn_norm, cfg.rms_norm_eps)?;
             }
@@ -669,6 +862,9 @@ impl Decoder {
     /// response skips most of the LM head.
     pub fn forward_train(&self, xs: &Tensor, from: usize) -> Result<Tensor> {
         let cfg = &self.cfg;
+        if self.remote.is_some() || self.part != Part::whole(cfg.num_layers) {
+            bail!("{}: training needs the whole model in this process", self.where_());
+        }
         if !self.adapters.is_empty() {
             bail!("forward_train does not apply LoRA adapters; load the model without --adapter");
         }
@@ -753,6 +949,10 @@ impl Decoder {
     /// Appends `ids` (`[batch, seq]`) to `state`'s KV cache without hooks and without the final
     /// norm and head: a prefix whose logits nobody reads (the prefix cache, shared prefills).
     pub fn extend_cache(&self, ids: &Tensor, state: &mut State, step: &StepInfo) -> Result<()> {
+        if let Some(p) = &self.remote {
+            p.forward(self, ids, None, state, step, &HookSpec::none(), &mut Captures::default(), None, None)?;
+            return Ok(());
+        }
         self.layers(self.embed(ids)?, state, step, &HookSpec::none(), &mut Captures::default(), None)?;
         Ok(())
     }
@@ -779,14 +979,20 @@ impl Decoder {
     }
 
     /// The input embedding matrix `[vocab, hidden]` (before Gemma's scale), for the embedding lens.
-    pub fn embedding_matrix(&self) -> &Tensor {
-        &self.embed
+    pub fn embedding_matrix(&self) -> Result<&Tensor> {
+        if !self.part.embed {
+            bail!("{}: the embedding lens needs the token embedding (on the first stage)", self.where_());
+        }
+        Ok(&self.embed)
     }
 
     /// Final norm, LM head and soft-cap on residual states `[.., hidden]`: the logit lens. On
     /// `blocks.{L-1}.hook_resid_post` this is the model's own logits; `normed` skips the norm
     /// for states that already went through it (`hook_final_norm`).
     pub fn unembed(&self, xs: &Tensor, normed: bool) -> Result<Tensor> {
+        if !self.part.head {
+            bail!("{}: the logit lens needs the final norm and LM head (on the last stage)", self.where_());
+        }
         let xs = xs.to_dtype(self.dtype)?;
         let xs = if normed { xs } else { rms_norm(&xs, &self.final_norm, self.cfg.rms_norm_eps)? };
         let logits = self.lm_head.forward(&xs)?.to_dtype(DType::F32)?;

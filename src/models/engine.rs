@@ -10,6 +10,7 @@ use super::load::{LoadedModel, ModelInfo};
 use super::prefix_cache::PrefixCache;
 use super::qwen2_vl::{Qwen2Vl, VlmInput};
 use super::tokenizer::Tokenizer;
+use crate::stage::client::with_retry;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -136,7 +137,8 @@ impl Engine for LoadedModel {
             bail!("capturing image states at `{p}` needs a vision-language model");
         }
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| (*r).clone()).collect();
-        let gens = generate::generate_shared(&self.decoder, &prompts, cfg, spec, Some(cache))?;
+        let gens =
+            with_retry(&self.decoder, || generate::generate_shared(&self.decoder, &prompts, cfg, spec, Some(cache)))?;
         Ok(gens.into_iter().map(|generation| RowGeneration { generation, image_states: None }).collect())
     }
 
@@ -147,7 +149,7 @@ impl Engine for LoadedModel {
         cache: &mut PrefixCache,
     ) -> Result<BTreeMap<HookPoint, Tensor>> {
         let pad = self.tokenizer.pad_token_id().unwrap_or(0);
-        Ok(generate::last_states_shared(&self.decoder, rows, pad, spec, Some(cache))?.1)
+        with_retry(&self.decoder, || Ok(generate::last_states_shared(&self.decoder, rows, pad, spec, Some(cache))?.1))
     }
 
     fn last_prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint, cache: &mut PrefixCache) -> Result<Vec<Tensor>> {
@@ -155,16 +157,19 @@ impl Engine for LoadedModel {
             return last_rows(self.prompt_states(rows, point)?);
         }
         let spec = HookSpec::none().capture(point);
-        let mut caps = super::hooks::Captures::default();
         let row_of: Vec<usize> = (0..rows.len()).collect();
-        generate::prefill_forked_captured(&self.decoder, rows, &row_of, &spec, Some(cache), &mut caps)?;
-        let s = caps.get(point)?;
-        (0..rows.len()).map(|r| Ok(s.get(r)?.squeeze(0)?)).collect()
+        with_retry(&self.decoder, || {
+            let mut caps = super::hooks::Captures::default();
+            generate::prefill_forked_captured(&self.decoder, rows, &row_of, &spec, Some(cache), &mut caps)?;
+            let s = caps.get(point)?;
+            (0..rows.len()).map(|r| Ok(s.get(r)?.squeeze(0)?)).collect()
+        })
     }
 
     fn prompt_states(&self, rows: &[&Vec<u32>], point: HookPoint) -> Result<Vec<Tensor>> {
         let prompts: Vec<Vec<u32>> = rows.iter().map(|r| (*r).clone()).collect();
-        generate::prompt_states(&self.decoder, &prompts, self.tokenizer.pad_token_id().unwrap_or(0), point)
+        let pad = self.tokenizer.pad_token_id().unwrap_or(0);
+        with_retry(&self.decoder, || generate::prompt_states(&self.decoder, &prompts, pad, point))
     }
 }
 
@@ -200,7 +205,7 @@ impl Engine for Qwen2Vl {
         _cache: &mut PrefixCache,
         capture: Option<HookPoint>,
     ) -> Result<Vec<RowGeneration>> {
-        let (gens, states) = self.generate_rows(rows, cfg, spec, capture)?;
+        let (gens, states) = with_retry(&self.decoder, || self.generate_rows(rows, cfg, spec, capture))?;
         Ok(gens
             .into_iter()
             .zip(states)
@@ -218,7 +223,10 @@ impl Engine for Qwen2Vl {
             bail!("last_states takes captures only, found {} interventions", spec.interventions.len());
         }
         let mut caps = super::hooks::Captures::default();
-        self.prefill(rows, spec, &mut caps, false)?;
+        with_retry(&self.decoder, || {
+            caps = super::hooks::Captures::default();
+            self.prefill(rows, spec, &mut caps, false).map(drop)
+        })?;
         spec.captures
             .iter()
             .map(|&p| {
@@ -233,7 +241,10 @@ impl Engine for Qwen2Vl {
     fn prompt_states(&self, rows: &[&VlmInput], point: HookPoint) -> Result<Vec<Tensor>> {
         let batch: Vec<VlmInput> = rows.iter().map(|r| (*r).clone()).collect();
         let mut caps = super::hooks::Captures::default();
-        let pre = self.prefill(&batch, &HookSpec::none().capture(point), &mut caps, false)?;
+        let pre = with_retry(&self.decoder, || {
+            caps = super::hooks::Captures::default();
+            self.prefill(&batch, &HookSpec::none().capture(point), &mut caps, false)
+        })?;
         let s = caps.get(point)?;
         (0..rows.len()).map(|r| Ok(s.get(r)?.narrow(0, pre.state.left_pad[r], rows[r].ids.len())?)).collect()
     }
@@ -262,9 +273,11 @@ impl VisionEngine for Qwen2Vl {
         self.user_prompt(images, text)
     }
     fn capture(&self, input: &VlmInput, spec: &HookSpec) -> Result<super::hooks::Captures> {
-        let mut caps = super::hooks::Captures::default();
-        self.prefill(std::slice::from_ref(input), spec, &mut caps, false)?;
-        Ok(caps)
+        with_retry(&self.decoder, || {
+            let mut caps = super::hooks::Captures::default();
+            self.prefill(std::slice::from_ref(input), spec, &mut caps, false)?;
+            Ok(caps)
+        })
     }
     fn grids(input: &VlmInput) -> Vec<[usize; 3]> {
         input.grids()

@@ -35,6 +35,13 @@ fn meta_f64(c: &Content, key: &str) -> Option<f64> {
     })
 }
 
+/// Whether some `blk.N.{suffix}` tensor is in the file.
+fn any_layer_has(c: &Content, suffix: &str) -> bool {
+    c.tensor_infos
+        .keys()
+        .any(|k| k.strip_prefix("blk.").and_then(|r| r.split_once('.')).is_some_and(|(_, s)| s == suffix))
+}
+
 /// Builds the decoder config from GGUF metadata (`general.architecture` and `{arch}.*` keys).
 pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     let file = path.display().to_string();
@@ -73,9 +80,16 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
     let head_dim =
         meta_u64(c, &format!("{arch}.attention.key_length")).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
     super::config::nonzero(&file, &[(&key("attention.key_length"), head_dim)])?;
-    let vocab_size = match c.tensor_infos.get("token_embd.weight") {
+    // The embedding's rows; a pipeline stage without it has the LM head's, and a driver's
+    // tensor-less metadata file the `{arch}.vocab_size` its stage wrote. (The tokenizer's token
+    // count is no substitute: Qwen's embedding has padding rows.) A middle stage uses neither.
+    let vocab_size = match ["token_embd.weight", "output.weight"].iter().find_map(|n| c.tensor_infos.get(*n)) {
         Some(info) => info.shape.dims()[0],
-        None => bail!("{file}: missing tensor `token_embd.weight`"),
+        None => match (meta_u64(c, &format!("{arch}.vocab_size")), c.metadata.get("tokenizer.ggml.tokens")) {
+            (Some(v), _) => v as usize,
+            (None, Some(candle_core::quantized::gguf_file::Value::Array(tokens))) => tokens.len(),
+            (None, _) => bail!("{file}: missing tensor `token_embd.weight`"),
+        },
     };
     let is_gemma = matches!(family, Family::Gemma | Family::Gemma2);
     // Llama-3 GGUFs carry RoPE scaling as a `rope_freqs.weight` tensor instead of metadata.
@@ -112,8 +126,9 @@ pub fn config(c: &Content, path: &Path) -> Result<DecoderConfig> {
         activation: if is_gemma { Activation::GeluTanh } else { Activation::Silu },
         // llama.cpp's converter stores Gemma norms as (1 + w) already.
         norm_offset: 0.0,
-        qkv_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        qk_norm: c.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        // Any layer's tensors tell: a pipeline stage's file starts at a later layer.
+        qkv_bias: any_layer_has(c, "attn_q.bias"),
+        qk_norm: any_layer_has(c, "attn_q_norm.weight"),
         embed_scale: if is_gemma { Some((hidden_size as f64).sqrt()) } else { None },
         tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
         attn_logit_softcap: meta_f64(c, &format!("{arch}.attn_logit_softcapping")),

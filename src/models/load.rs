@@ -1,6 +1,6 @@
 //! Loading a model (decoder + tokenizer) from an alias, a transformers directory or a GGUF file.
 use super::config::{DecoderConfig, Family};
-use super::decoder::Decoder;
+use super::decoder::{Decoder, Part};
 use super::gguf;
 use super::registry::{self, Location, Resolved};
 use super::tokenizer::Tokenizer;
@@ -64,6 +64,16 @@ pub fn apply_adapter(decoder: &mut Decoder, info: &mut ModelInfo, spec: &str) ->
 
 /// Loads a decoder (no tokenizer) from a transformers directory.
 pub fn decoder_from_dir(dir: &Path, device: &Device, dtype: WeightDType) -> Result<(Decoder, Weights)> {
+    decoder_part_from_dir(dir, device, dtype, None)
+}
+
+/// [`decoder_from_dir`] for `part` of the model only (a pipeline stage; `None` = all of it).
+pub fn decoder_part_from_dir(
+    dir: &Path,
+    device: &Device,
+    dtype: WeightDType,
+    part: Option<Part>,
+) -> Result<(Decoder, Weights)> {
     let cfg = DecoderConfig::from_file(&dir.join("config.json"))?;
     let mut w = Weights::from_safetensors_dir(dir, device, dtype)?;
     w.hint = format!(
@@ -75,12 +85,23 @@ pub fn decoder_from_dir(dir: &Path, device: &Device, dtype: WeightDType) -> Resu
         cfg.num_kv_heads,
         cfg.head_dim
     );
-    let d = Decoder::load(cfg, &w)?;
+    let part = part.unwrap_or_else(|| Part::whole(cfg.num_layers));
+    let d = Decoder::load_part(cfg, &w, part)?;
     Ok((d, w))
 }
 
 /// Loads a decoder from a GGUF file; returns the GGUF content for the tokenizer.
 pub fn decoder_from_gguf(path: &Path, device: &Device, dtype: WeightDType) -> Result<(Decoder, Weights)> {
+    decoder_part_from_gguf(path, device, dtype, None)
+}
+
+/// [`decoder_from_gguf`] for `part` of the model only (a pipeline stage; `None` = all of it).
+pub fn decoder_part_from_gguf(
+    path: &Path,
+    device: &Device,
+    dtype: WeightDType,
+    part: Option<Part>,
+) -> Result<(Decoder, Weights)> {
     let content = gguf::read(path)?;
     let cfg = gguf::config(&content, path)?;
     let mut w = Weights::from_gguf(path, content, device, dtype)?;
@@ -96,7 +117,8 @@ pub fn decoder_from_gguf(path: &Path, device: &Device, dtype: WeightDType) -> Re
         w.set_unpermute(cfg.num_heads, cfg.num_kv_heads);
     }
     w.set_post_norms(cfg.post_norms);
-    let d = Decoder::load(cfg, &w)?;
+    let part = part.unwrap_or_else(|| Part::whole(cfg.num_layers));
+    let d = Decoder::load_part(cfg, &w, part)?;
     Ok((d, w))
 }
 
@@ -111,6 +133,10 @@ impl LoadedModel {
 
     /// `spec`: a registry alias, a transformers directory or a `.gguf` file.
     pub fn load(spec: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
+        if let Some(addrs) = crate::stage::client::addrs_of(spec) {
+            // The stages chose their device and dtype when they started.
+            return crate::stage::connect_text(&addrs);
+        }
         let resolved = registry::resolve(spec)?;
         Self::load_resolved(&resolved, device, dtype)
     }

@@ -150,7 +150,8 @@ impl PrefixCache {
 /// new full blocks are stored.
 pub fn prefill_prefix(model: &Decoder, tokens: &[u32], cache: Option<&mut PrefixCache>) -> Result<State> {
     let mut state = model.new_state(vec![0]);
-    let mut cache = cache.filter(|c| c.enabled());
+    // Over pipeline stages the keys and values live on the stages: nothing to keep here.
+    let mut cache = cache.filter(|c| c.enabled() && model.pipeline().is_none());
     // The state's adapter (`--adapter`) changes every key and value: its own chains.
     // (A separator no tokenizer produces, then the adapter's id.)
     let origin = model.prefix_root();

@@ -337,7 +337,11 @@ impl Weights {
         let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         let prefix = ["model.", "model.language_model.", "language_model.model.", ""]
             .into_iter()
-            .find(|p| names.iter().any(|n| n == &format!("{p}embed_tokens.weight")))
+            // A pipeline stage may hold no embedding: its layers or final norm name the prefix.
+            .find(|p| {
+                names.iter().any(|n| n == &format!("{p}embed_tokens.weight") || n == &format!("{p}norm.weight"))
+                    || names.iter().any(|n| n.strip_prefix(p).is_some_and(|r| r.starts_with("layers.")))
+            })
             .with_context(|| {
                 format!(
                     "{}: no embedding tensor (looked for model.embed_tokens.weight, \

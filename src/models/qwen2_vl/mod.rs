@@ -17,6 +17,9 @@ use super::registry::{self, Location, Modality};
 /// Does a `--model` spec name a vision-language model (registry modality, or a Qwen2-VL
 /// directory)?
 pub fn is_vlm_model(spec: &str) -> bool {
+    if let Some(addrs) = crate::stage::client::addrs_of(spec) {
+        return crate::stage::serves_vlm(&addrs);
+    }
     if let Some(e) = registry::lookup(spec) {
         return e.modality == Modality::Vision;
     }

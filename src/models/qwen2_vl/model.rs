@@ -6,7 +6,7 @@ use super::config::{qwen25_message, Qwen2VlConfig};
 use super::processor::{self, Processed, ProcessorConfig};
 use super::rope;
 use super::vision::VisionTower;
-use crate::models::decoder::{Decoder, State};
+use crate::models::decoder::{Decoder, Splice, State};
 use crate::models::generate::{self, GenerateConfig, Generation};
 use crate::models::hooks::{Captures, HookSpec, StepInfo};
 use crate::models::load::ModelInfo;
@@ -21,7 +21,8 @@ use std::path::Path;
 
 pub struct Qwen2Vl {
     pub cfg: Qwen2VlConfig,
-    pub vision: VisionTower,
+    /// `None` on a driver over pipeline stages: the tower is on the first stage.
+    pub vision: Option<VisionTower>,
     /// The LLM backbone: hooks, steering vectors and `--layer` refer to its layers.
     pub decoder: Decoder,
     pub tokenizer: Tokenizer,
@@ -74,6 +75,9 @@ pub struct Prefilled {
 impl Qwen2Vl {
     /// A registry alias (`qwen-vl-2b`, from the hf-hub cache, offline) or a checkpoint directory.
     pub fn load(spec: &str, device: &Device, dtype: WeightDType) -> Result<Self> {
+        if let Some(addrs) = crate::stage::client::addrs_of(spec) {
+            return crate::stage::connect_vlm(&addrs);
+        }
         let r = registry::resolve(spec)?;
         match &r.location {
             Location::Dir(dir) => Self::load_dir(dir, &r.name, &r.checkpoint, device, dtype),
@@ -97,6 +101,7 @@ impl Qwen2Vl {
             cfg.text.num_kv_heads
         );
         let vision = VisionTower::load(&cfg.vision, &w)?;
+        let weights_hash = fingerprint(&w.files())?;
         let decoder = Decoder::load(cfg.text.clone(), &w).map_err(|e| {
             // A Qwen2.5-VL text tower has the same names; only shapes can tell.
             let msg = format!("{e:#}");
@@ -106,6 +111,36 @@ impl Qwen2Vl {
                 e
             }
         })?;
+        let info = ModelInfo {
+            adapter: None,
+            name: name.to_string(),
+            checkpoint: checkpoint.to_string(),
+            dir: Some(dir.to_path_buf()),
+            weights_hash,
+            dtype: dtype.name().to_string(),
+            family: "qwen2-vl".to_string(),
+            num_layers: cfg.text.num_layers,
+            hidden_size: cfg.text.hidden_size,
+            batch_invariant: decoder.batch_invariant(),
+        };
+        let m = Self::assemble(dir, cfg, Some(vision), decoder, info)?;
+        tracing::info!(
+            model = %m.info.name, dtype = %m.info.dtype, layers = m.info.num_layers, vision_depth = m.cfg.vision.depth,
+            "loaded Qwen2-VL in {:.2}s", t0.elapsed().as_secs_f64()
+        );
+        Ok(m)
+    }
+
+    /// A Qwen2-VL from its parts: the tokenizer, chat template and processor come from `dir`
+    /// (a checkpoint or a stage directory's side files); `vision` is `None` on a driver over
+    /// pipeline stages.
+    pub fn assemble(
+        dir: &Path,
+        cfg: Qwen2VlConfig,
+        vision: Option<VisionTower>,
+        decoder: Decoder,
+        info: ModelInfo,
+    ) -> Result<Self> {
         let tokenizer =
             Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
         let ct = dir.join("chat_template.json");
@@ -143,24 +178,8 @@ impl Qwen2Vl {
                 cfg.vision.spatial_merge_size
             );
         }
-        let info = ModelInfo {
-            adapter: None,
-            name: name.to_string(),
-            checkpoint: checkpoint.to_string(),
-            dir: Some(dir.to_path_buf()),
-            weights_hash: fingerprint(&w.files())?,
-            dtype: dtype.name().to_string(),
-            family: "qwen2-vl".to_string(),
-            num_layers: cfg.text.num_layers,
-            hidden_size: cfg.text.hidden_size,
-            batch_invariant: decoder.batch_invariant(),
-        };
         info.warn_if_not_invariant(decoder.device());
         let inv_freq = rope::inv_freq(cfg.text.head_dim, cfg.text.rope_theta);
-        tracing::info!(
-            model = %info.name, dtype = %info.dtype, layers = info.num_layers, vision_depth = cfg.vision.depth,
-            "loaded Qwen2-VL in {:.2}s", t0.elapsed().as_secs_f64()
-        );
         Ok(Self { cfg, vision, decoder, tokenizer, processor, info, chat_template, inv_freq })
     }
 
@@ -242,7 +261,11 @@ impl Qwen2Vl {
         let n = px.len() / pd;
         let px = Tensor::from_vec(px, (n, pd), self.device())?;
         let grids: Vec<[usize; 3]> = unique.iter().map(|i| i.grid_thw).collect();
-        let feats = self.vision.forward(&px, &grids)?;
+        let feats = match (&self.vision, self.decoder.pipeline()) {
+            (Some(v), _) => v.forward(&px, &grids)?,
+            (None, Some(p)) => p.vision(&px, &grids)?,
+            (None, None) => bail!("{}: no vision tower", self.info.name),
+        };
         if unique.len() == imgs.len() {
             return Ok(Some(feats));
         }
@@ -322,24 +345,30 @@ impl Qwen2Vl {
             deltas.push(p.delta);
         }
         let ids_t = Tensor::from_vec(ids, (b, seq), &dev)?;
-        let h = self.cfg.text.hidden_size;
-        let mut xs = self.decoder.embed(&ids_t)?;
-        if k > 0 {
+        let splice = if k > 0 {
             let feats = feats.context("the prompt has image tokens but no image features were given")?;
+            let h = self.cfg.text.hidden_size;
             if feats.dims() != [k as usize, h] {
                 bail!("image features have shape {:?}, expected [{k}, {h}] (one row per image token)", feats.dims());
             }
-            let flat = xs.reshape((b * seq, h))?;
-            let all = Tensor::cat(&[&flat, &feats.to_dtype(flat.dtype())?], 0)?;
-            let idx = Tensor::from_vec(gather, b * seq, &dev)?;
-            xs = all.index_select(&idx, 0)?.reshape((b, seq, h))?;
-        }
+            Some(Splice { feats, gather })
+        } else {
+            None
+        };
         let (cos, sin) =
             rope::mrope_tables(&pos_rows, &self.inv_freq, &self.cfg.mrope_section, &dev, self.decoder.dtype())?;
         let mut state = self.decoder.new_state(pads.clone());
         let step = StepInfo::prefill(pads).with_modality(image_rows);
-        let logits =
-            self.decoder.forward_embeds_rope(xs, &mut state, &step, spec, caps, all_logits, Some((cos, sin)))?;
+        let logits = self.decoder.forward_ids(
+            &ids_t,
+            splice.as_ref(),
+            &mut state,
+            &step,
+            spec,
+            caps,
+            all_logits,
+            Some((cos, sin)),
+        )?;
         Ok(Prefilled { logits, state, deltas, lens: rows.iter().map(|r| r.ids.len()).collect() })
     }
 
@@ -362,8 +391,7 @@ impl Qwen2Vl {
         let (cos, sin) =
             rope::mrope_tables(&rows, &self.inv_freq, &self.cfg.mrope_section, self.device(), self.decoder.dtype())?;
         let ids = Tensor::from_vec(next.to_vec(), (b, 1), self.device())?;
-        let xs = self.decoder.embed(&ids)?;
-        self.decoder.forward_embeds_rope(xs, state, &StepInfo::decode(b), spec, caps, false, Some((cos, sin)))
+        self.decoder.forward_ids(&ids, None, state, &StepInfo::decode(b), spec, caps, false, Some((cos, sin)))
     }
 
     /// Greedy generation for a batch (the rows of one episode share the batch: baseline and
