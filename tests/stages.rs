@@ -180,12 +180,14 @@ fn smollm2_through_two_and_three_stages_is_bit_identical() {
 }
 
 #[test]
-fn qwen_coder_through_two_stages_is_bit_identical() {
+fn qwen_coder_through_two_and_three_stages_is_bit_identical() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let local = LoadedModel::load("qwen-coder-0.5b", &Device::Cpu, WeightDType::F32).unwrap();
-    let (_stages, addrs) = pipeline("qwen-coder-0.5b", "12", tmp.path());
-    text_matches(&local, &addrs, 12);
+    for at in ["12", "6,18"] {
+        let (_stages, addrs) = pipeline("qwen-coder-0.5b", at, tmp.path());
+        text_matches(&local, &addrs, at.split(',').next().unwrap().parse().unwrap());
+    }
 }
 
 #[test]

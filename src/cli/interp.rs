@@ -130,7 +130,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
     };
     let points = miniwob_steer::interp::parse_points(&a.layers, dec.cfg.num_layers)?;
     let common = json!({
-        "model": info.name, "model_spec": a.model.model, "checkpoint": info.checkpoint,
+        "model": info.name, "model_spec": a.model.spec(), "checkpoint": info.checkpoint,
         "weights_hash": info.weights_hash, "adapter": info.adapter, "dtype": info.dtype, "positions": positions.to_string(),
         "hook_points": points.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "harness": env!("CARGO_PKG_VERSION"),
@@ -144,7 +144,7 @@ pub fn run_extract(a: ExtractArgs) -> Result<()> {
             (None, Some(Loaded::Vlm(vlm))) => extract_images(&**vlm, &a, &points, positions, &mut w)?,
             _ => bail!(
                 "--image/--task need a vision-language model (Qwen2-VL or a graft directory); {} is a text model",
-                a.model.model
+                a.model.spec()
             ),
         };
     } else {

@@ -5,9 +5,9 @@ use miniwob_steer::device::parse_device;
 use miniwob_steer::models::dtype::DTypeChoice;
 use miniwob_steer::models::generate::{self, GenerateConfig, Sampling};
 use miniwob_steer::models::hooks::{HookPoint, HookSpec, Positions};
+pub use miniwob_steer::models::load::render_prompt;
 use miniwob_steer::models::load::LoadedModel;
 use miniwob_steer::models::registry::{self, REGISTRY};
-use miniwob_steer::models::tokenizer::ChatMessage;
 use miniwob_steer::steering::vector::SteeringVector;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,14 +155,6 @@ pub struct GenerateArgs {
     /// One JSON object per row instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-pub fn render_prompt(m: &LoadedModel, prompt: &str, chat: bool) -> Result<String> {
-    if chat {
-        m.tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: prompt.into() }], true)
-    } else {
-        Ok(prompt.to_string())
-    }
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {

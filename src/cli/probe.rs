@@ -316,7 +316,7 @@ fn run_features(a: FeaturesArgs) -> Result<()> {
         save_dtype,
         shard_rows: a.shard_rows,
         batch: a.batch_size,
-        model_spec: a.model.model.clone(),
+        model_spec: a.model.spec(),
         dataset: a.data.display().to_string(),
     };
     let man = match (&hybrid, &m) {

@@ -51,6 +51,18 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
+/// A text prompt as the model reads it: with `chat`, one user message in the model's chat
+/// template (ending with the assistant's turn), else the text unchanged. Encode it with
+/// `tokenizer.encode(&text, !chat)` (the template already holds the special tokens).
+pub fn render_prompt(m: &LoadedModel, prompt: &str, chat: bool) -> Result<String> {
+    if chat {
+        m.tokenizer
+            .apply_chat_template(&[super::tokenizer::ChatMessage { role: "user".into(), content: prompt.into() }], true)
+    } else {
+        Ok(prompt.to_string())
+    }
+}
+
 /// `--adapter [NAME=]DIR`: attaches a peft LoRA adapter to `decoder` as every row's default, so
 /// the whole model is the adapted one (unmerged: docs/probes.md), and records it in `info`.
 pub fn apply_adapter(decoder: &mut Decoder, info: &mut ModelInfo, spec: &str) -> Result<()> {

@@ -3,6 +3,7 @@
 //! driver (`--stages ADDR,…`, a `stages:ADDR,…` model spec) runs the same generation code as a
 //! local model, with each layer's work, KV cache and hooks on the stage that owns it.
 pub mod client;
+pub mod gateway;
 pub mod manifest;
 pub mod server;
 pub mod split;

@@ -48,14 +48,14 @@ struct Speed {
     decode: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 /// One timed run: prefill and decode tokens/s over all rows of a batch of `batch` copies of
 /// `prompt` (`adapters`: each row's LoRA adapter, empty = the decoder's default).
-fn measure_once(
+pub(crate) fn measure_once(
     d: &Decoder,
     prompt: &[u32],
     batch: usize,

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod env;
 pub mod episodes;
 pub mod paired;
+pub mod stages;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -28,6 +29,8 @@ pub enum BenchWhich {
     /// One paired exp12 episode (sequential and batched), decode, prefill and all-layer extraction
     /// on one device, for the GPU comparison with scripts/peer/hf_paired.py (docs/cuda.md).
     Paired(paired::BenchPairedArgs),
+    /// A model split into pipeline stages on loopback vs one process: prefill/decode tokens/s and wire bytes per token.
+    Stages(stages::BenchStagesArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -38,5 +41,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhich::Env(e) => env::run(e),
         BenchWhich::Episodes(e) => episodes::run(e),
         BenchWhich::Paired(p) => paired::run(p),
+        BenchWhich::Stages(s) => stages::run(s),
     }
 }
