@@ -15,9 +15,9 @@ const TASKS: &str = "click-test,click-button,click-link";
 /// One browser-and-model run at a time (2 cores).
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn run_cmd(out: &Path, extra: &[&str]) -> Command {
+fn run_cmd_steps(out: &Path, eval_steps: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["run", "--model", "smollm2-135m", "--dtype", "f32", "--tasks", TASKS, "--eval-steps", "2"])
+    c.args(["run", "--model", "smollm2-135m", "--dtype", "f32", "--tasks", TASKS, "--eval-steps", eval_steps])
         .args(["--train-steps", "2", "--coeff", "3", "--max-new-tokens", "12", "--no-progress"])
         .args(["--name", "test", "--out"])
         .arg(out)
@@ -137,8 +137,8 @@ fn profiles_in(dir: &Path) -> Vec<String> {
 /// Runs `run` until it has browsers and at least `min_lines` lines, sends `sig`, and checks the
 /// exit status, that no browser process or profile is left, and that every line is whole.
 /// With `nohup`, SIGHUP is first sent and must be ignored (the parent's disposition is kept).
-fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize, nohup: bool, extra: &[&str]) {
-    let mut cmd = run_cmd(out, &[&["--concurrency", "2"], extra].concat());
+fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize, nohup: bool, eval_steps: &str) {
+    let mut cmd = run_cmd_steps(out, eval_steps, &["--concurrency", "2"]);
     cmd.env("TMPDIR", tmp).stdout(Stdio::null()).stderr(Stdio::piped());
     {
         use std::os::unix::process::CommandExt;
@@ -162,7 +162,11 @@ fn signal_midway(out: &Path, tmp: &Path, sig: i32, min_lines: usize, nohup: bool
         if n >= min_lines && !groups.is_empty() {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before the signal");
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the run ended before the signal: {st:?}\n{err}");
+        }
         assert!(t0.elapsed() < Duration::from_secs(240), "no progress after 240 s");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -216,15 +220,15 @@ fn sigterm_and_sighup_leave_no_browser_and_no_torn_line() {
     std::fs::create_dir_all(&tmp).unwrap();
     let out = dir.path().join("r.jsonl");
     // While the vector is being computed (browsers up, no line yet).
-    signal_midway(&out, &tmp, libc::SIGTERM, 0, false, &[]);
+    signal_midway(&out, &tmp, libc::SIGTERM, 0, false, "2");
     // Mid-evaluation, resuming the same file.
-    signal_midway(&out, &tmp, libc::SIGHUP, 1, false, &[]);
+    signal_midway(&out, &tmp, libc::SIGHUP, 1, false, "2");
     assert_no_key_doubled(&out);
     // Under nohup: SIGHUP stays ignored, SIGTERM still cleans up. A run of its own with 60
     // episodes, so that what is left after its first line cannot finish within the 2 s the test
     // waits (the resumed 12-episode run above sometimes did, on 2 cores).
     let out = dir.path().join("nohup.jsonl");
-    signal_midway(&out, &tmp, libc::SIGTERM, 1, true, &["--eval-steps", "10"]);
+    signal_midway(&out, &tmp, libc::SIGTERM, 1, true, "10");
     assert_no_key_doubled(&out);
 }
 

@@ -7,9 +7,8 @@ mod common;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miniwob-steer");
@@ -22,34 +21,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A child process that printed `... listening on ADDR`, killed when dropped.
-struct Proc {
-    child: Child,
-    addr: String,
-}
+type Proc = common::Listening;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `miniwob-steer ARGS` and waits for its "listening on" line.
 fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap_or("").to_string();
-    let p = Proc { child, addr };
-    assert!(line.contains("listening on"), "{args:?}: {line:?}");
-    p
+    common::spawn_listening(BIN, args)
 }
 
 fn gateway(extra: &[&str]) -> Proc {

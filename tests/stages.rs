@@ -13,9 +13,8 @@ use miniwob_steer::models::load::LoadedModel;
 use miniwob_steer::models::prefix_cache::PrefixCache;
 use miniwob_steer::models::qwen2_vl::Qwen2Vl;
 use miniwob_steer::models::weights::WeightDType;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miniwob-steer");
@@ -23,36 +22,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_miniwob-steer");
 /// Stage processes and their models take memory and both cores: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// A `stage serve` process, killed when dropped.
-struct Stage {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Stage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Stage = common::Listening;
 
 /// Serves `dir` on `listen` (port 0 = a free one) and waits for its "listening on" line.
 fn serve(dir: &Path, listen: &str, extra: &[&str]) -> Stage {
-    let mut child = Command::new(BIN)
-        .args(["stage", "serve", "--stage"])
-        .arg(dir)
-        .args(["--listen", listen, "--dtype", "f32"])
-        .args(extra)
-        .env("RAYON_NUM_THREADS", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(line.contains("listening on"), "stage {}: {line:?}", dir.display());
-    Stage { child, addr }
+    let dir = dir.to_str().unwrap();
+    common::spawn_listening(
+        BIN,
+        &[&["stage", "serve", "--stage", dir, "--listen", listen, "--dtype", "f32"], extra].concat(),
+    )
 }
 
 fn split(model: &str, at: &str, out: &Path) {

@@ -86,7 +86,8 @@ impl State {
                 left_pad: rows.iter().map(|&i| self.left_pad[i]).collect(),
                 cols: self.cols,
                 adapters: rows.iter().map(|&i| self.adapter(i)).collect(),
-                remote: Some(r.fork(rows)?),
+                // Nothing on the stages yet: nothing to fork.
+                remote: Some(if self.cols == 0 { r.fresh() } else { r.fork(rows)? }),
             });
         }
         let dev = self.kv.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
@@ -385,7 +386,8 @@ impl Decoder {
         } else {
             w.linear(Name::LmHead, cfg.vocab_size, h)?
         };
-        let embed = embed.to_dtype(dtype)?;
+        // A tied last stage needed the embedding only to build its head.
+        let embed = if part.embed { embed.to_dtype(dtype)? } else { Tensor::zeros((0, h), dtype, &w.device)? };
         Ok(Self {
             inv_freq: inv_freq(&cfg)?,
             cfg,

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub const SCHEME: &str = "stages:";
 /// A file holding the shared token (`stage serve --token-file`), read by the driver.
 pub const TOKEN_ENV: &str = "MINIWOB_STEER_STAGE_TOKEN_FILE";
+/// The largest reply body the driver reads.
+const MAX_REPLY: usize = 4 << 30;
 /// Seconds one request may take before the stage counts as timed out.
 pub const TIMEOUT_ENV: &str = "MINIWOB_STEER_STAGE_TIMEOUT_S";
 /// Seconds a failed call waits, in all, for its stage to come back before giving up.
@@ -75,6 +77,8 @@ pub struct Pipeline {
 pub struct RemoteState {
     id: u64,
     pipeline: Arc<Pipeline>,
+    /// Whether any stage may hold it (a forward, fork or merge was sent).
+    sent: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteState {
@@ -85,15 +89,14 @@ impl std::fmt::Debug for RemoteState {
 
 impl Drop for RemoteState {
     fn drop(&mut self) {
-        let body = match wire::encode(&wire::Free { states: vec![self.id] }, &[]) {
-            Ok(b) => b,
-            Err(_) => return,
-        };
+        if !self.sent.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(body) = wire::encode(&wire::Free { states: vec![self.id] }, &[]) else { return };
+        // Fire and forget, on the pipeline's runtime: a hung stage must not hold up the caller
+        // (a lost free is covered by the stage's idle eviction).
         for k in 0..self.pipeline.addrs.len() {
-            // Best effort: a stage that is gone has nothing to free.
-            if let Err(e) = self.pipeline.call(k, Method::POST, "/free", body.clone()) {
-                tracing::debug!("freeing state {} on stage {k}: {e:#}", self.id);
-            }
+            self.pipeline.spawn_free(k, body.clone(), self.id);
         }
     }
 }
@@ -109,9 +112,19 @@ impl Drop for Pipeline {
 }
 
 impl RemoteState {
+    /// A new, empty state of the same pipeline.
+    pub fn fresh(&self) -> Arc<RemoteState> {
+        self.pipeline.new_state()
+    }
+
+    fn mark_sent(&self) {
+        self.sent.store(true, Ordering::Relaxed);
+    }
+
     /// A new state whose row `i` is row `rows[i]` of this one, on every stage.
     pub fn fork(&self, rows: &[usize]) -> Result<Arc<RemoteState>> {
         let to = self.pipeline.new_state();
+        to.mark_sent();
         let body = wire::encode(&wire::Fork { from: self.id, to: to.id, rows: rows.to_vec() }, &[])?;
         self.pipeline.each(|k| self.pipeline.call_ack(k, "/fork", body.clone()))?;
         Ok(to)
@@ -120,6 +133,7 @@ impl RemoteState {
     /// One state of the batch-1 states `parts` (this one among them), on every stage.
     pub fn merge(&self, parts: &[Arc<RemoteState>], _cols: usize) -> Result<Arc<RemoteState>> {
         let to = self.pipeline.new_state();
+        to.mark_sent();
         let body = wire::encode(&wire::Merge { from: parts.iter().map(|p| p.id).collect(), to: to.id }, &[])?;
         self.pipeline.each(|k| self.pipeline.call_ack(k, "/merge", body.clone()))?;
         Ok(to)
@@ -155,13 +169,47 @@ impl Pipeline {
     /// Connects to the stages at `addrs` (in order), checks they are the stages of one split of
     /// one model, tiling its layers, and fetches the first stage's config and tokenizer.
     pub fn connect(addrs: &[String]) -> Result<Arc<Pipeline>> {
+        let p = Self::open(addrs)?;
+        for name in &p.infos[0].files {
+            // A file name from the wire: one plain component, so it cannot point elsewhere.
+            let mut parts = Path::new(name).components();
+            if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+                bail!("stage 0 ({}): side file name {name:?} is not a plain file name: refused", p.addrs[0]);
+            }
+            let bytes = p.call(0, Method::GET, &format!("/file/{name}"), Vec::new())?;
+            let path = p.files.path().join(name);
+            std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let src = &p.infos[0].manifest.source;
+        tracing::info!(
+            model = %src.name, stages = addrs.len(), dtype = %p.infos[0].dtype,
+            "connected to {}", addrs.join(", ")
+        );
+        Ok(Arc::new(p))
+    }
+
+    /// The source model's family as stage 0 reports it (one `/info` call).
+    pub fn family_of(addrs: &[String]) -> Result<String> {
+        let p = Self::new(&addrs[..addrs.len().min(1)])?;
+        Ok(p.fetch_info(0)?.manifest.source.family)
+    }
+
+    /// [`connect`](Self::connect) without fetching the side files.
+    fn open(addrs: &[String]) -> Result<Pipeline> {
+        let mut p = Self::new(addrs)?;
+        p.infos = (0..addrs.len()).map(|k| p.fetch_info(k)).collect::<Result<_>>()?;
+        p.check()?;
+        Ok(p)
+    }
+
+    fn new(addrs: &[String]) -> Result<Pipeline> {
         if addrs.is_empty() {
             bail!("--stages: no addresses");
         }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(hyper_util::client::legacy::connect::HttpConnector::new());
-        let mut p = Pipeline {
+        Ok(Pipeline {
             addrs: addrs.to_vec(),
             infos: Vec::new(),
             token: token_from_env()?,
@@ -173,23 +221,15 @@ impl Pipeline {
             files: tempfile::Builder::new().prefix("miniwob-steer-stages-").tempdir()?,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
-        };
-        p.infos = (0..addrs.len()).map(|k| p.fetch_info(k)).collect::<Result<_>>()?;
-        p.check()?;
-        for name in &p.infos[0].files {
-            let bytes = p.call(0, Method::GET, &format!("/file/{name}"), Vec::new())?;
-            std::fs::write(p.files.path().join(name), &bytes)?;
-        }
-        let src = &p.infos[0].manifest.source;
-        tracing::info!(
-            model = %src.name, stages = addrs.len(), dtype = %p.infos[0].dtype,
-            "connected to {}", addrs.join(", ")
-        );
-        Ok(Arc::new(p))
+        })
     }
 
     fn fetch_info(&self, k: usize) -> Result<StageInfo> {
-        let bytes = self.call(k, Method::GET, "/info", Vec::new())?;
+        self.fetch_info_within(k, self.timeout)
+    }
+
+    fn fetch_info_within(&self, k: usize, timeout: Duration) -> Result<StageInfo> {
+        let bytes = self.call_within(k, Method::GET, "/info", Vec::new(), timeout)?;
         serde_json::from_slice(&bytes).with_context(|| format!("stage {k} ({}): bad /info reply", self.addrs[k]))
     }
 
@@ -265,7 +305,32 @@ impl Pipeline {
     }
 
     pub fn new_state(self: &Arc<Self>) -> Arc<RemoteState> {
-        Arc::new(RemoteState { id: self.next_id.fetch_add(1, Ordering::Relaxed), pipeline: self.clone() })
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(RemoteState { id, pipeline: self.clone(), sent: Default::default() })
+    }
+
+    /// Sends `/free` to stage `k` without waiting for it.
+    fn spawn_free(&self, k: usize, body: Vec<u8>, id: u64) {
+        let Some(rt) = self.rt.as_ref() else { return };
+        let Ok(req) = self.request(k, Method::POST, "/free", body) else { return };
+        let client = self.client.clone();
+        let timeout = self.timeout.min(Duration::from_secs(30));
+        rt.spawn(async move {
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!("freeing state {id} on stage {k}: {e}"),
+                Err(_) => tracing::debug!("freeing state {id} on stage {k}: timed out"),
+            }
+        });
+    }
+
+    fn request(&self, k: usize, method: Method, path: &str, body: Vec<u8>) -> Result<Request<Full<Bytes>>> {
+        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.addrs[k]));
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        self.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(req.body(Full::new(Bytes::from(body)))?)
     }
 
     fn each(&self, f: impl Fn(usize) -> Result<()>) -> Result<()> {
@@ -274,31 +339,29 @@ impl Pipeline {
 
     fn call_ack(&self, k: usize, path: &str, body: Vec<u8>) -> Result<()> {
         let bytes = self.call(k, Method::POST, path, body)?;
-        let _: (Ack, _) = wire::decode(&bytes, path)?;
+        let _: (Ack, _) = wire::decode(&bytes, &format!("stage {k} ({}): {path} reply", self.addrs[k]))?;
         Ok(())
     }
 
     /// One HTTP request to stage `k`; a failure is a [`StageError`] naming the stage.
     fn call(&self, k: usize, method: Method, path: &str, body: Vec<u8>) -> Result<Bytes> {
+        self.call_within(k, method, path, body, self.timeout)
+    }
+
+    fn call_within(&self, k: usize, method: Method, path: &str, body: Vec<u8>, timeout: Duration) -> Result<Bytes> {
         let addr = &self.addrs[k];
         let err = |msg: String, retryable: bool| StageError { stage: k, addr: addr.clone(), msg, retryable };
-        let mut req = Request::builder().method(method).uri(format!("http://{addr}{path}"));
-        if let Some(t) = &self.token {
-            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        self.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
-        let req = req.body(Full::new(Bytes::from(body)))?;
+        let req = self.request(k, method, path, body)?;
         let fut = async {
-            let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            let resp = tokio::time::timeout(timeout, self.client.request(req))
                 .await
-                .map_err(|_| err(format!("{path}: no reply within {} s", self.timeout.as_secs()), true))?
+                .map_err(|_| err(format!("{path}: no reply within {} s", timeout.as_secs_f64()), true))?
                 .map_err(|e| err(format!("{path}: {}", error_chain(&e)), true))?;
             let status = resp.status();
-            let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_REPLY);
+            let bytes = tokio::time::timeout(timeout, body.collect())
                 .await
-                .map_err(|_| {
-                    err(format!("{path}: the reply did not finish within {} s", self.timeout.as_secs()), true)
-                })?
+                .map_err(|_| err(format!("{path}: the reply did not finish within {} s", timeout.as_secs_f64()), true))?
                 .map_err(|e| err(format!("{path}: reading the reply: {e}"), true))?
                 .to_bytes();
             Ok::<_, StageError>((status, bytes))
@@ -325,8 +388,25 @@ impl Pipeline {
         let t0 = Instant::now();
         for (k, was) in self.infos.iter().enumerate() {
             loop {
-                match self.fetch_info(k) {
-                    Ok(info) if info.manifest == was.manifest && info.dtype == was.dtype => break,
+                // Each probe within what is left of the budget (a hung stage must not overrun it).
+                let left = budget.saturating_sub(t0.elapsed()).max(Duration::from_millis(100));
+                match self.fetch_info_within(k, left.min(Duration::from_secs(10))) {
+                    Ok(info)
+                        if info.manifest == was.manifest
+                            && info.dtype == was.dtype
+                            && info.weights_dtype == was.weights_dtype
+                            && info.batch_invariant == was.batch_invariant =>
+                    {
+                        break
+                    }
+                    Ok(info) if info.manifest == was.manifest => bail!(
+                        "stage {k} ({}) came back running {} ({}), not {} ({}): refused (restart it with the same --dtype)",
+                        self.addrs[k],
+                        info.weights_dtype,
+                        info.dtype,
+                        was.weights_dtype,
+                        was.dtype
+                    ),
                     Ok(info) => bail!(
                         "stage {k} ({}) came back serving another split ({} layers {}..{}, weights {}): refused",
                         self.addrs[k],
@@ -382,7 +462,9 @@ impl Pipeline {
             let fork = handle.fork(&(0..b).collect::<Vec<_>>())?;
             state.remote = Some(fork);
         }
-        let id = state.remote.as_ref().expect("set above").id;
+        let handle = state.remote.as_ref().expect("set above");
+        handle.mark_sent();
+        let id = handle.id;
         let n = self.addrs.len();
         let mut x = ids.clone();
         for (k, info) in self.infos.iter().enumerate() {
@@ -418,13 +500,14 @@ impl Pipeline {
                 splice: spliced,
             };
             let bytes = self.call(k, Method::POST, "/forward", wire::encode(&header, &tensors)?)?;
-            let (reply, mut out): (ForwardReply, _) = wire::decode(&bytes, "forward reply")?;
+            let what = format!("stage {k} ({}): forward reply", self.addrs[k]);
+            let (reply, mut out): (ForwardReply, _) = wire::decode(&bytes, &what)?;
             for c in &reply.captures {
-                let t = wire::take(&mut out, &format!("cap.{c}"), "forward reply")?;
+                let t = wire::take(&mut out, &format!("cap.{c}"), &what)?;
                 caps.tensors.entry(c.parse()?).or_default().push(t);
             }
             if reply.out {
-                x = wire::take(&mut out, "out", "forward reply")?;
+                x = wire::take(&mut out, "out", &what)?;
             } else if k + 1 < n {
                 bail!("stage {k} ({}) returned no residual", self.addrs[k]);
             }
@@ -449,14 +532,15 @@ impl Pipeline {
     /// [`RETRY_ENV`] seconds in all. `f` must start from scratch (new states): a restarted stage
     /// has lost every key and value.
     pub fn retry<T>(&self, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-        let t0 = Instant::now();
+        // The budget is for waiting: the calls themselves may take as long as they take.
+        let mut waited = Duration::ZERO;
         let mut attempt = 1;
         loop {
             match f() {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     let Some(se) = e.chain().find_map(|c| c.downcast_ref::<StageError>()) else { return Err(e) };
-                    let left = self.retry.saturating_sub(t0.elapsed());
+                    let left = self.retry.saturating_sub(waited);
                     if !se.retryable || left.is_zero() {
                         return Err(e);
                     }
@@ -465,7 +549,9 @@ impl Pipeline {
                         left.as_secs(),
                         attempt + 1
                     );
+                    let t0 = Instant::now();
                     self.wait_ready(left)?;
+                    waited += t0.elapsed();
                     attempt += 1;
                 }
             }

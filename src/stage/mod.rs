@@ -17,7 +17,6 @@ use crate::models::qwen2_vl::Qwen2Vl;
 use crate::models::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use client::Pipeline;
-use std::sync::Arc;
 
 fn info(p: &Pipeline, family: &str, cfg: &DecoderConfig) -> ModelInfo {
     let src = p.source();
@@ -73,5 +72,5 @@ pub fn connect_vlm(addrs: &[String]) -> Result<Qwen2Vl> {
 /// Whether the stages at `addrs` serve a Qwen2-VL (false when they cannot be reached: loading
 /// then says why).
 pub fn serves_vlm(addrs: &[String]) -> bool {
-    Pipeline::connect(addrs).is_ok_and(|p: Arc<Pipeline>| p.source().family == "qwen2-vl")
+    Pipeline::family_of(addrs).is_ok_and(|f| f == "qwen2-vl")
 }

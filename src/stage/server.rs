@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 /// The largest request body a stage reads (a prefill of a long, wide batch).
 const MAX_BODY: usize = 4 << 30;
+/// Connections served at once, and how soon a request's headers must arrive.
+const MAX_CONNECTIONS: usize = 64;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// States unused this long are dropped (their driver died without freeing them).
 const IDLE: Duration = Duration::from_secs(1800);
 
@@ -76,7 +79,8 @@ impl StageModel {
             (d, None)
         } else {
             for name in manifest.files.keys().filter(|n| **n != manifest.weights) {
-                files.insert(name.clone(), std::fs::read(dir.join(name))?);
+                let p = dir.join(name);
+                files.insert(name.clone(), std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
             }
             if manifest.source.family == "qwen2-vl" {
                 let cfg = crate::models::qwen2_vl::config::Qwen2VlConfig::from_file(&dir.join("config.json"))?;
@@ -147,6 +151,10 @@ impl Served {
             iv.vector = iv.vector.to_device(&dev)?;
         }
         let xs = wire::take(&mut t, "xs", "forward")?.to_device(&dev)?;
+        if self.model.manifest.is_first() {
+            // Token ids from the wire index the embedding: checked here, not only by the driver.
+            dec.check_ids(&xs.flatten_all()?.to_vec1::<u32>()?)?;
+        }
         let rope = if f.rope {
             Some((
                 wire::take(&mut t, "cos", "forward")?.to_device(&dev)?,
@@ -319,18 +327,25 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     ready(listener.local_addr()?);
     let served = Arc::new(Served { model, states: Mutex::new(HashMap::new()), token });
+    // A driver needs one connection at a time; the bound keeps strays from holding the stage.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = listener.accept().await?;
+        let permit = slots.clone().acquire_owned().await?;
         let served = served.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let served = served.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(served, req).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
                 tracing::debug!("stage connection: {e}");
             }
+            drop(permit);
         });
     }
 }

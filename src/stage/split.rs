@@ -280,6 +280,8 @@ fn side_files(dir: &Path) -> Result<Vec<PathBuf>> {
             || name.starts_with('.')
             || name.ends_with(".safetensors")
             || name == "model.safetensors.index.json"
+            // Other frameworks' weights: not side files (each stage would hold a full copy).
+            || [".bin", ".pth", ".pt", ".h5", ".gguf", ".msgpack", ".onnx", ".ckpt", ".pkl"].iter().any(|x| name.ends_with(x))
             || name == MANIFEST
         {
             continue;

@@ -136,3 +136,35 @@ pub fn random_adapter(dir: &std::path::Path, layers: usize, hidden: usize, q: us
         "bias": "none", "use_dora": false, "use_rslora": false, "modules_to_save": null, "fan_in_fan_out": false});
     std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
 }
+
+/// A `miniwob-steer` child that printed `… listening on ADDR` (`stage serve`, `stage gateway`),
+/// killed when dropped.
+pub struct Listening {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `miniwob-steer ARGS` (2 threads, warnings only) and waits for its "listening on" line.
+pub fn spawn_listening(bin: &str, args: &[&str]) -> Listening {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap_or("").to_string();
+    let p = Listening { child, addr };
+    assert!(line.contains("listening on"), "{args:?}: {line:?}");
+    p
+}

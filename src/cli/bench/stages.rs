@@ -63,13 +63,15 @@ pub fn run(a: BenchStagesArgs) -> Result<()> {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting a stage")?;
+        let stdout = c.stdout.take().context("stage stdout")?;
+        // Owned before anything can fail, so an early return kills it.
+        served.push(Served(c));
         let mut line = String::new();
-        std::io::BufReader::new(c.stdout.take().context("stage stdout")?).read_line(&mut line)?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
         if !line.contains("listening on") {
             bail!("{}: the stage did not start ({line:?})", dir.display());
         }
         addrs.push(line.trim().rsplit(' ').next().unwrap_or_default().to_string());
-        served.push(Served(c));
     }
     let remote = miniwob_steer::stage::connect_text(&addrs)?;
     let pipeline = remote.decoder.pipeline().context("a pipeline")?.clone();
