@@ -122,7 +122,7 @@ impl State {
                 .collect::<Result<Vec<_>>>()?;
             let left_pad = states.iter().map(|s| cols - s.cols + s.left_pad[0]).collect();
             let adapters = states.iter().map(|s| s.adapter(0)).collect();
-            return Ok(State { kv: Vec::new(), left_pad, cols, adapters, remote: Some(first.merge(&handles, cols)?) });
+            return Ok(State { kv: Vec::new(), left_pad, cols, adapters, remote: Some(first.merge(&handles)?) });
         }
         let layers = states.first().map_or(0, |s| s.kv.len());
         let mut kv = Vec::with_capacity(layers);

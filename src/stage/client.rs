@@ -131,7 +131,7 @@ impl RemoteState {
     }
 
     /// One state of the batch-1 states `parts` (this one among them), on every stage.
-    pub fn merge(&self, parts: &[Arc<RemoteState>], _cols: usize) -> Result<Arc<RemoteState>> {
+    pub fn merge(&self, parts: &[Arc<RemoteState>]) -> Result<Arc<RemoteState>> {
         let to = self.pipeline.new_state();
         to.mark_sent();
         let body = wire::encode(&wire::Merge { from: parts.iter().map(|p| p.id).collect(), to: to.id }, &[])?;
@@ -455,7 +455,6 @@ impl Pipeline {
         if state.adapters.iter().any(|a| a.is_some()) {
             bail!("LoRA adapters are not served by pipeline stages");
         }
-        dec.check_ids(&ids.flatten_all()?.to_vec1::<u32>()?)?;
         let handle = state.remote.as_ref().context("a local state given to a pipeline")?;
         // Copy on write: another state still shares these keys and values.
         if Arc::strong_count(handle) > 1 {

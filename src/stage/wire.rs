@@ -99,7 +99,7 @@ pub struct Fork {
     pub rows: Vec<usize>,
 }
 
-/// Merges batch-1 states `from` into `to`, left-padded to `cols` columns.
+/// Merges batch-1 states `from` into `to`, left-padded to the longest (`State::merge`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Merge {
     pub from: Vec<u64>,
