@@ -9,6 +9,7 @@
 
 pub mod aggregate;
 pub mod ingest;
+pub mod lens;
 pub mod pairing;
 pub mod parquet;
 pub mod plots;

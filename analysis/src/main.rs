@@ -68,6 +68,16 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the statistics of `miniwob-steer extract --out DIR` directories (summary.jsonl) as
+    /// parquet: DIR/summary.parquet, or --out for several directories.
+    LensSummary {
+        /// Extraction directories.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Parquet file to write (default DIR/summary.parquet for one directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write seeded synthetic result lines (for scale tests).
     Synth {
         /// Number of lines.
@@ -93,6 +103,10 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::Convert { inputs, out }) => {
             convert(&inputs, &out)?;
+        }
+        Some(Cmd::LensSummary { dirs, out }) => {
+            let (n, path) = miniwob_steer_analysis::lens::lens_summary(&dirs, out.as_deref())?;
+            eprintln!("wrote {n} summary rows to {}", path.display());
         }
         Some(Cmd::Synth { lines, out, seed, tasks, output_bytes }) => {
             let opts = SynthOpts { lines, seed, tasks, output_bytes, ..SynthOpts::default() };

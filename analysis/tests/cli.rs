@@ -567,3 +567,44 @@ fn line_numbers_survive_parser_blocks_and_files() {
         assert_eq!(f(base, "episodes"), (n - 2 - 1) as f64); // all baselines but the 2 broken and the paired one
     }
 }
+
+/// `analyze lens-summary`: extract's summary.jsonl rows as parquet, values and nulls kept.
+#[test]
+fn lens_summary_writes_the_extraction_statistics_as_parquet() {
+    use polars_io::prelude::*;
+    let dir = tmp();
+    let ext = dir.path().join("ext");
+    fs::create_dir_all(&ext).unwrap();
+    fs::write(
+        ext.join("summary.jsonl"),
+        concat!(
+            r#"{"item":"item-00000","hook_point":"hook_embed","tokens":8,"norm_mean":1.5,"norm_std":0.25,"norm_min":1.0,"norm_max":2.0,"mean_cos_to_mean":0.75}"#,
+            "\n",
+            r#"{"item":"item-00000","hook_point":"blocks.2.hook_resid_post","tokens":0,"norm_mean":null,"norm_std":null,"norm_min":null,"norm_max":null,"mean_cos_to_mean":null}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let o = run(&["lens-summary", ext.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let df = ParquetReader::new(fs::File::open(ext.join("summary.parquet")).unwrap()).finish().unwrap();
+    assert_eq!(df.height(), 2);
+    let hp = df.column("hook_point").unwrap().str().unwrap();
+    assert_eq!(hp.get(1), Some("blocks.2.hook_resid_post"));
+    assert_eq!(df.column("tokens").unwrap().i64().unwrap().get(0), Some(8));
+    let mean = df.column("norm_mean").unwrap().f64().unwrap();
+    assert_eq!((mean.get(0), mean.get(1)), (Some(1.5), None));
+    assert_eq!(df.column("mean_cos_to_mean").unwrap().f64().unwrap().get(0), Some(0.75));
+
+    // A directory without a summary, and a malformed row, are named.
+    let o = run(&["lens-summary", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("summary.jsonl"), "{}", stderr(&o));
+    fs::write(ext.join("summary.jsonl"), "{\"item\":\"x\"}\n").unwrap();
+    let o = run(&["lens-summary", ext.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("line 1"), "{}", stderr(&o));
+    // Two directories need --out.
+    let o = run(&["lens-summary", ext.to_str().unwrap(), ext.to_str().unwrap()]);
+    assert!(stderr(&o).contains("--out"), "{}", stderr(&o));
+}
