@@ -31,7 +31,7 @@ pub fn lens_summary(dirs: &[PathBuf], out: Option<&Path>) -> Result<(u64, PathBu
         (None, [d]) => d.join("summary.parquet"),
         (None, _) => bail!("--out is needed with {} extraction directories", dirs.len()),
     };
-    let mut cols: (Vec<String>, Vec<Row>) = (Vec::new(), Vec::new());
+    let (mut extraction, mut rows) = (Vec::new(), Vec::new());
     for d in dirs {
         let path = d.join("summary.jsonl");
         let f = File::open(&path)
@@ -43,16 +43,15 @@ pub fn lens_summary(dirs: &[PathBuf], out: Option<&Path>) -> Result<(u64, PathBu
             }
             let r: Row = serde_json::from_str(&line)
                 .with_context(|| format!("{} line {}: not a summary row", path.display(), i + 1))?;
-            cols.0.push(d.display().to_string());
-            cols.1.push(r);
+            extraction.push(d.display().to_string());
+            rows.push(r);
         }
     }
-    let rows = &cols.1;
     // serde_json writes a non-finite statistic (an item with no tokens) as null.
     let f64s = |g: fn(&Row) -> Option<f64>| rows.iter().map(g).collect::<Vec<Option<f64>>>();
     let n = rows.len();
     let columns = vec![
-        Column::new("extraction".into(), cols.0.clone()),
+        Column::new("extraction".into(), extraction),
         Column::new("item".into(), rows.iter().map(|r| r.item.as_str()).collect::<Vec<_>>()),
         Column::new("hook_point".into(), rows.iter().map(|r| r.hook_point.as_str()).collect::<Vec<_>>()),
         Column::new("tokens".into(), rows.iter().map(|r| r.tokens).collect::<Vec<_>>()),
