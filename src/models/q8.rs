@@ -2,39 +2,90 @@
 //!
 //! Why not candle's `QMatMul`: its CPU kernel computes one dot product per (row, column) pair, so a
 //! batch of two rows (a paired episode's baseline and steered rows) costs twice a single row,
-//! and its prefill runs at a third of the f32 GEMM. Here each 32-value weight block is loaded
-//! once and multiplied into up to four activation rows while it sits in registers, scales are
-//! kept as f32 (no f16 conversion in the inner loop), and prefill walks rows in tiles of four so
-//! a chunk of weight columns stays in L1.
+//! and its prefill runs at a third of the f32 GEMM. Here weights are packed in groups of 16
+//! output columns, so one load of a weight register serves 8 columns and every activation row
+//! of a tile, and prefill (from [`AMX_MIN_ROWS`] rows) runs on the CPU's AMX tile unit where
+//! it has one (Sapphire Rapids and later), 16 rows × 16 columns × 32 values per instruction.
 //!
-//! Batch invariant (docs/determinism.md): each activation row is quantized on its own and each
-//! (row, column) result is reduced in one fixed order, whatever the row count, the row's place
-//! in a tile or the thread count; the scalar fallback computes the SIMD kernel's exact
-//! arithmetic, so machines with and without AVX2 agree bit for bit.
+//! Batch invariant (docs/determinism.md), and the same bits from every kernel: each activation
+//! row is quantized on its own; per (row, column) each 32-value block's integer dot product is
+//! exact (|Σ| ≤ 32·127² fits i32 and f32), and the blocks are folded in block order, one fused
+//! multiply-add each: `acc = fma(Σ_b, w_scale_b · x_scale_b, acc)`. The integer sums can be
+//! formed in any order (AMX, AVX2, scalar) and the float steps are single IEEE operations per
+//! element, so the row count, the kernel, the tile and the thread count never change a bit.
 //!
 //! Format: ggml's Q8_0 arithmetic (blocks of 32, one scale per block, values in −127..=127, the
 //! activations quantized per block the same way), so results agree with candle's Q8_0 path up to
 //! float summation order.
+use super::kernels::{has_avx2_fma, OutPtr};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 32;
-/// Output columns per work item.
-const COLS: usize = 16;
+/// Output columns per packed group: one AMX tile's width, two AVX2 registers of eight.
+const GROUP: usize = 16;
+/// Bytes of one group's block: 16 columns × 32 values.
+const GBLOCK: usize = GROUP * BLOCK;
+/// Activation rows per AMX tile.
+const TILE_ROWS: usize = 16;
+/// From this many rows the AMX kernel runs (where the CPU has it); fewer rows take AVX2, as the
+/// AMX tile would be mostly padding.
+pub const AMX_MIN_ROWS: usize = 8;
 
 /// `[n, k]` weights (output rows × input columns), quantized per 32-value block.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     n: usize,
     k: usize,
-    /// `n * k` values, row-major.
+    /// Per group of 16 output columns (the last one zero-padded) and block: 8 rows of 4
+    /// consecutive values of each of the 16 columns, `[g][b][t / 4][c][t % 4]`. AMX reads a
+    /// group's block as one tile (its "VNNI" layout); AVX2 reads a row as eight columns' values.
     qs: Vec<i8>,
-    /// `n * k / 32` scales.
+    /// Scales, `[g][b][c]`.
     d: Vec<f32>,
 }
 
-/// Quantize one row into blocks: `d = max|x| / 127`, `q = round(x / d)`, as ggml's Q8_0 does.
+/// A CPU kernel for [`Q8Matrix::matmul_with`]; all give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+    Amx,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU has for `m` rows.
+    pub fn best(m: usize) -> Self {
+        if m >= AMX_MIN_ROWS && Kernel::Amx.available() {
+            Kernel::Amx
+        } else if Kernel::Avx2.available() {
+            Kernel::Avx2
+        } else {
+            Kernel::Scalar
+        }
+    }
+
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            Kernel::Avx2 => has_avx2_fma(),
+            Kernel::Amx => amx::available(),
+        }
+    }
+}
+
+/// Quantize one row into blocks: `d = max|x| / 127`, `q = round(x / d)` (ties away from zero),
+/// as ggml's Q8_0 reference does.
 fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 was detected; the slices hold d.len() blocks.
+        return unsafe { avx::quantize_row(x, qs, d) };
+    }
+    quantize_row_scalar(x, qs, d)
+}
+
+fn quantize_row_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), db) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(d.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
@@ -46,6 +97,36 @@ fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     }
 }
 
+/// Quantize `m` rows of `k` values into `xq` and `xd`, rows spread over candle's pool: at
+/// prefill sizes this step is otherwise as long as the matmul.
+fn quantize_rows(x: &[f32], m: usize, k: usize, xq: &mut [i8], xd: &mut [f32]) {
+    let kb = k / BLOCK;
+    assert!(x.len() >= m * k && xq.len() >= m * k && xd.len() >= m * kb);
+    let (qp, dp) = (xq.as_mut_ptr() as usize, xd.as_mut_ptr() as usize);
+    let row = |r: usize| {
+        // SAFETY: row r's ranges lie inside the buffers (asserted above), and each row is
+        // quantized by exactly one call.
+        let (q, d) = unsafe {
+            (
+                std::slice::from_raw_parts_mut((qp as *mut i8).add(r * k), k),
+                std::slice::from_raw_parts_mut((dp as *mut f32).add(r * kb), kb),
+            )
+        };
+        quantize_row(&x[r * k..(r + 1) * k], q, d);
+    };
+    if m >= TILE_ROWS {
+        candle_core::utils::barrier_pool().execute_chunked(m, |rows| rows.for_each(row));
+    } else {
+        (0..m).for_each(row);
+    }
+}
+
+/// Where value `t` of column `c` (within its group) sits in a group's block.
+#[inline(always)]
+fn packed(c: usize, t: usize) -> usize {
+    (t / 4) * (GROUP * 4) + c * 4 + t % 4
+}
+
 impl Q8Matrix {
     /// Quantize a row-major `[n, k]` f32 matrix; `k` must be a multiple of 32.
     pub fn quantize(w: &[f32], n: usize, k: usize) -> Result<Self> {
@@ -55,10 +136,22 @@ impl Q8Matrix {
         if w.len() != n * k {
             bail!("Q8 matrix: expected {n}×{k} = {} values, found {}", n * k, w.len());
         }
-        let mut qs = vec![0i8; n * k];
-        let mut d = vec![0f32; n * k / BLOCK];
-        qs.par_chunks_mut(k).zip(d.par_chunks_mut(k / BLOCK)).zip(w.par_chunks(k)).for_each(|((q, d), w)| {
-            quantize_row(w, q, d);
+        let kb = k / BLOCK;
+        let groups = n.div_ceil(GROUP);
+        let mut qs = vec![0i8; groups * kb * GBLOCK];
+        let mut d = vec![0f32; groups * kb * GROUP];
+        qs.par_chunks_mut(kb * GBLOCK).zip(d.par_chunks_mut(kb * GROUP)).enumerate().for_each(|(g, (qg, dg))| {
+            let (mut q, mut s) = (vec![0i8; k], vec![0f32; kb]);
+            for c in 0..GROUP.min(n - g * GROUP) {
+                let j = g * GROUP + c;
+                quantize_row(&w[j * k..(j + 1) * k], &mut q, &mut s);
+                for b in 0..kb {
+                    for t in 0..BLOCK {
+                        qg[b * GBLOCK + packed(c, t)] = q[b * BLOCK + t];
+                    }
+                    dg[b * GROUP + c] = s[b];
+                }
+            }
         });
         Ok(Self { n, k, qs, d })
     }
@@ -71,150 +164,377 @@ impl Q8Matrix {
         self.k
     }
 
+    /// Column `j`'s quantized values and block scales, unpacked (tests and debugging).
+    fn column(&self, j: usize) -> (Vec<i8>, Vec<f32>) {
+        let kb = self.k / BLOCK;
+        let (g, c) = (j / GROUP, j % GROUP);
+        let qg = &self.qs[g * kb * GBLOCK..(g + 1) * kb * GBLOCK];
+        let q = (0..self.k).map(|i| qg[i / BLOCK * GBLOCK + packed(c, i % BLOCK)]).collect();
+        let d = (0..kb).map(|b| self.d[(g * kb + b) * GROUP + c]).collect();
+        (q, d)
+    }
+
     /// The weights as f32, `[n, k]` row-major (for tests and debugging).
     pub fn dequantize(&self) -> Vec<f32> {
-        let kb = self.k / BLOCK;
-        (0..self.n * self.k).map(|i| self.qs[i] as f32 * self.d[i / BLOCK % kb + i / self.k * kb]).collect()
+        (0..self.n)
+            .flat_map(|j| {
+                let (q, d) = self.column(j);
+                q.iter().enumerate().map(|(i, &v)| v as f32 * d[i / BLOCK]).collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// `x · Wᵀ` for `m` rows of `x` (`[m, k]` row-major); returns `[m, n]` row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        self.matmul_with(x, m, Kernel::best(m))
+    }
+
+    /// [`Self::matmul`] on a chosen kernel (benchmarks and tests); the bits do not depend on it.
+    pub fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if x.len() != m * k {
             bail!("Q8 matmul: expected {m} rows of {k} values ({}), found {}", m * k, x.len());
         }
-        let kb = k / BLOCK;
-        let mut xq = vec![0i8; m * k];
-        let mut xd = vec![0f32; m * kb];
-        for r in 0..m {
-            quantize_row(&x[r * k..(r + 1) * k], &mut xq[r * k..(r + 1) * k], &mut xd[r * kb..(r + 1) * kb]);
+        if !kernel.available() {
+            bail!("Q8 matmul: this CPU has no {kernel:?} kernel");
         }
-        let acts = Acts { q: &xq, d: &xd, k };
-        let avx2 = has_avx2();
-        let mut out_t = vec![0f32; n * m];
-        let out_ptr = out_t.as_mut_ptr() as usize;
-        // Runs of COLS output columns are the work items, on candle's CPU pool: the k-quant
+        let kb = k / BLOCK;
+        // AMX loads whole tiles of rows: the padding rows are zeros and their results dropped.
+        let rows = if kernel == Kernel::Amx { m.next_multiple_of(TILE_ROWS) } else { m };
+        let mut xq = vec![0i8; rows * k];
+        let mut xd = vec![0f32; rows * kb];
+        quantize_rows(x, m, k, &mut xq, &mut xd);
+        let acts = Acts { q: &xq, d: &xd, k, m };
+        let mut out = vec![0f32; m * n];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        // Groups of 16 output columns are the work items, on candle's CPU pool: the k-quant
         // layers between ours run there too, and a second (rayon) pool beside its spinning
         // workers made 2-thread decode slower than 1-thread on 2 cores.
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(COLS), |items| {
-            for c in items {
-                let j0 = c * COLS;
-                let ncols = COLS.min(n - j0);
-                // SAFETY: item `c` alone writes columns j0..j0 + ncols of the transposed output
-                // (`[n, m]`), a range no other item touches, inside `out_t`'s allocation.
-                let out = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(j0 * m), ncols * m) };
-                // Tiles of four rows keep this run of weight columns hot in L1 across the rows.
-                for r0 in (0..m).step_by(4) {
-                    let rows = (m - r0).min(4);
-                    for jj in 0..ncols {
-                        let j = j0 + jj;
-                        let w = &self.qs[j * k..(j + 1) * k];
-                        let wd = &self.d[j * kb..(j + 1) * kb];
-                        dot_rows(avx2, w, wd, &acts, r0, &mut out[jj * m + r0..jj * m + r0 + rows]);
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GROUP), |groups| {
+            // SAFETY: the kernel was checked available above; group `g` alone writes columns
+            // 16g..16g + 16 (clipped to n) of every row of `out`, and `acts` holds `rows` rows.
+            let out = Out { ptr: out_ptr, n };
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Amx => unsafe { amx::groups(self, &acts, groups, out) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => {
+                    for g in groups {
+                        unsafe { avx::group(self, &acts, g, out) }
+                    }
+                }
+                _ => {
+                    for g in groups {
+                        scalar_group(self, &acts, g, out)
                     }
                 }
             }
         });
-        if m == 1 {
-            return Ok(out_t);
-        }
-        let mut out = vec![0f32; m * n];
-        for j in 0..n {
-            for r in 0..m {
-                out[r * n + j] = out_t[j * m + r];
-            }
-        }
         Ok(out)
+    }
+
+    /// Group `g`'s packed values and scales.
+    fn group(&self, g: usize) -> (&[i8], &[f32]) {
+        let kb = self.k / BLOCK;
+        (&self.qs[g * kb * GBLOCK..(g + 1) * kb * GBLOCK], &self.d[g * kb * GROUP..(g + 1) * kb * GROUP])
+    }
+
+    /// Output columns of group `g`: its first column and how many are real.
+    fn cols(&self, g: usize) -> (usize, usize) {
+        (g * GROUP, GROUP.min(self.n - g * GROUP))
     }
 }
 
-/// Quantized activations: `m` rows of `k` values and their block scales.
+/// Quantized activations: `m` real rows of `k` values (and maybe zero padding rows after them)
+/// and their block scales.
 struct Acts<'a> {
     q: &'a [i8],
     d: &'a [f32],
     k: usize,
+    m: usize,
 }
 
-impl Acts<'_> {
-    fn row(&self, r: usize) -> (&[i8], &[f32]) {
-        let kb = self.k / BLOCK;
-        (&self.q[r * self.k..(r + 1) * self.k], &self.d[r * kb..(r + 1) * kb])
+/// The `[m, n]` output that groups write disjoint columns of.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: OutPtr,
+    n: usize,
+}
+
+impl Out {
+    /// Writes `vals` at row `r`, from column `j`.
+    ///
+    /// # Safety
+    /// `r` and `j + vals.len()` lie within the output, and no other item writes these elements.
+    unsafe fn put(self, r: usize, j: usize, vals: &[f32]) {
+        std::ptr::copy_nonoverlapping(vals.as_ptr(), self.ptr.get().add(r * self.n + j), vals.len());
     }
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// `dst[i] = w · act_row(r0 + i)` for `dst.len()` (1..=4) rows.
-fn dot_rows(avx2: bool, w: &[i8], wd: &[f32], acts: &Acts, r0: usize, dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: AVX2 and FMA were detected at run time; slices are bounds-checked by construction.
-        unsafe {
-            match dst.len() {
-                1 => avx::dot::<1>(w, wd, acts, r0, dst),
-                2 => avx::dot::<2>(w, wd, acts, r0, dst),
-                3 => avx::dot::<3>(w, wd, acts, r0, dst),
-                _ => avx::dot::<4>(w, wd, acts, r0, dst),
+/// The reference arithmetic, element by element.
+fn scalar_group(w: &Q8Matrix, acts: &Acts, g: usize, out: Out) {
+    let kb = acts.k / BLOCK;
+    let (qg, dg) = w.group(g);
+    let (j0, ncols) = w.cols(g);
+    let mut vals = [0f32; GROUP];
+    for r in 0..acts.m {
+        let (xq, xd) = (&acts.q[r * acts.k..(r + 1) * acts.k], &acts.d[r * kb..(r + 1) * kb]);
+        for (c, v) in vals.iter_mut().enumerate().take(ncols) {
+            let mut acc = 0f32;
+            for b in 0..kb {
+                let s: i32 = (0..BLOCK).map(|t| qg[b * GBLOCK + packed(c, t)] as i32 * xq[b * BLOCK + t] as i32).sum();
+                acc = (s as f32).mul_add(dg[b * GROUP + c] * xd[b], acc);
             }
+            *v = acc;
         }
-        return;
-    }
-    let _ = avx2;
-    // The SIMD kernel's exact arithmetic: lane l of a block sums bytes 4l..4l+3 (exact in i32),
-    // then a fused multiply-add by the block's scale product into lane l; the same lane fold.
-    for (i, out) in dst.iter_mut().enumerate() {
-        let (xq, xd) = acts.row(r0 + i);
-        let mut acc = [0f32; 8];
-        for b in 0..wd.len() {
-            let scale = wd[b] * xd[b];
-            for (l, a) in acc.iter_mut().enumerate() {
-                let p: i32 = (0..4).map(|t| w[b * BLOCK + 4 * l + t] as i32 * xq[b * BLOCK + 4 * l + t] as i32).sum();
-                *a = (p as f32).mul_add(scale, *a);
-            }
-        }
-        *out = super::kernels::fold8(acc);
+        // SAFETY: row r < m and columns j0..j0 + ncols belong to this group alone.
+        unsafe { out.put(r, j0, &vals[..ncols]) };
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{Acts, BLOCK};
-    use crate::models::kernels::avx::hsum;
+    use super::{Acts, Out, Q8Matrix, BLOCK, GBLOCK, GROUP};
     use std::arch::x86_64::*;
 
-    /// One weight row against `R` activation rows. `maddubs` multiplies unsigned by signed
-    /// bytes, so the weight's sign is moved onto the activation (|w| · x·sign(w) = w · x); the
-    /// i16 pair sums cannot saturate because |w|, |x| ≤ 127.
+    /// [`super::quantize_row_scalar`]'s exact arithmetic, a block (four registers) at a time:
+    /// the maximum is order-free, `x · inv` the same product, and ties round away from zero
+    /// through truncation plus a ±1 where the dropped fraction is at least one half.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot<const R: usize>(w: &[i8], wd: &[f32], acts: &Acts, r0: usize, dst: &mut [f32]) {
-        let kb = wd.len();
+    pub(super) unsafe fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+        assert!(x.len() >= d.len() * BLOCK && qs.len() >= d.len() * BLOCK);
+        let sign = _mm256_set1_ps(-0.0);
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        for (b, db) in d.iter_mut().enumerate() {
+            let p = x.as_ptr().add(b * BLOCK);
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            let a: [__m256; 4] = std::array::from_fn(|i| _mm256_andnot_ps(sign, v[i]));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let y = _mm256_mul_ps(v[i], inv);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+                let away = _mm256_or_ps(_mm256_and_ps(y, sign), one);
+                _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), away)))
+            });
+            // i32 → i8 (the values fit), then the dwords back into order: the packs interleave
+            // the 128-bit lanes as [q0 0-3, q1 0-3, q2 0-3, q3 0-3 | q0 4-7, q1 4-7, …].
+            let p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * BLOCK) as *mut __m256i, p8);
+            *db = scale;
+        }
+    }
+
+    /// Group `g` for every row, in tiles of up to four rows and two halves of eight columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `out` is this group's to write.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn group(w: &Q8Matrix, acts: &Acts, g: usize, out: Out) {
+        let (j0, ncols) = w.cols(g);
+        for r0 in (0..acts.m).step_by(4) {
+            for h in 0..ncols.div_ceil(8) {
+                let mut vals = [[0f32; 8]; 4];
+                let rows = (acts.m - r0).min(4);
+                match rows {
+                    1 => dot::<1>(w, acts, g, h, r0, &mut vals),
+                    2 => dot::<2>(w, acts, g, h, r0, &mut vals),
+                    3 => dot::<3>(w, acts, g, h, r0, &mut vals),
+                    _ => dot::<4>(w, acts, g, h, r0, &mut vals),
+                }
+                let n = (ncols - 8 * h).min(8);
+                for (i, v) in vals.iter().enumerate().take(rows) {
+                    out.put(r0 + i, j0 + 8 * h, &v[..n]);
+                }
+            }
+        }
+    }
+
+    /// Columns 8h..8h + 8 of group `g` against rows r0..r0 + R. A weight register holds four
+    /// values of each of eight columns; each row's matching four values are broadcast against
+    /// it. `maddubs` multiplies unsigned by signed bytes, so the weight's sign is moved onto the
+    /// activation (|w| · x·sign(w) = w · x); its i16 pair sums cannot saturate as |w|, |x| ≤ 127.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot<const R: usize>(w: &Q8Matrix, acts: &Acts, g: usize, h: usize, r0: usize, vals: &mut [[f32; 8]; 4]) {
+        let (qg, dg) = w.group(g);
+        let (k, kb) = (acts.k, acts.k / BLOCK);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        let rows: [(&[i8], &[f32]); R] = std::array::from_fn(|i| acts.row(r0 + i));
         for b in 0..kb {
-            let wv = _mm256_loadu_si256(w.as_ptr().add(b * BLOCK) as *const __m256i);
-            let aw = _mm256_sign_epi8(wv, wv);
-            let dw = *wd.get_unchecked(b);
-            for i in 0..R {
-                let (xq, xd) = rows[i];
-                let xv = _mm256_loadu_si256(xq.as_ptr().add(b * BLOCK) as *const __m256i);
-                let sx = _mm256_sign_epi8(xv, wv);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                let scale = _mm256_set1_ps(dw * *xd.get_unchecked(b));
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i]);
+            let blk = qg.as_ptr().add(b * GBLOCK + 8 * 4 * h);
+            let mut sums = [_mm256_setzero_si256(); R];
+            for kk in 0..BLOCK / 4 {
+                let wv = _mm256_loadu_si256(blk.add(kk * GROUP * 4) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let x4 = (acts.q.as_ptr().add((r0 + i) * k + b * BLOCK + 4 * kk) as *const i32).read_unaligned();
+                    let sx = _mm256_sign_epi8(_mm256_set1_epi32(x4), wv);
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones));
+                }
+            }
+            let ws = _mm256_loadu_ps(dg.as_ptr().add(b * GROUP + 8 * h));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let scale = _mm256_mul_ps(ws, _mm256_set1_ps(*acts.d.get_unchecked((r0 + i) * kb + b)));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), scale, *a);
             }
         }
         for i in 0..R {
-            dst[i] = hsum(acc[i]);
+            _mm256_storeu_ps(vals[i].as_mut_ptr(), acc[i]);
         }
+    }
+}
+
+/// Intel AMX (`tdpbssd`): a 16-row × 32-byte activation tile times a group's 8 × 64-byte block
+/// tile gives the 16 × 16 exact block sums at once; AVX-512 then folds them into the
+/// accumulators. The tile instructions are written in `asm!` (their intrinsics are not stable).
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{Acts, Out, Q8Matrix, BLOCK, GBLOCK, GROUP, TILE_ROWS};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// The CPU has AMX-INT8 and AVX-512F, and Linux granted this process the tile state.
+    /// `MINIWOB_STEER_NO_AMX=1` turns it off (the results are the same bits either way).
+    pub(super) fn available() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            if std::env::var_os("MINIWOB_STEER_NO_AMX").is_some_and(|v| v != "0") {
+                return false;
+            }
+            let edx = __cpuid_count(7, 0).edx;
+            let (tile, int8) = (edx >> 24 & 1 == 1, edx >> 25 & 1 == 1);
+            if !(tile && int8 && is_x86_feature_detected!("avx512f")) {
+                return false;
+            }
+            // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: without it tile instructions fault.
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a plain syscall with integer arguments.
+            let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+            if rc != 0 {
+                tracing::debug!("AMX: the kernel refused the tile state ({})", std::io::Error::last_os_error());
+            }
+            rc == 0
+        })
+    }
+
+    /// The tile configuration (palette 1), for two blocks at a time: tmm0-1 the 16 × 16 i32
+    /// sums, tmm2-3 the activations (16 rows × 32 bytes), tmm4-5 a group's blocks (8 rows × 64
+    /// bytes).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Groups `groups` for every row.
+    ///
+    /// # Safety
+    /// [`available`]; `acts` holds a multiple of 16 rows; `out` is these groups' to write.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn groups(w: &Q8Matrix, acts: &Acts, groups: std::ops::Range<usize>, out: Out) {
+        let mut cfg = Config { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        for t in 0..2 {
+            (cfg.colsb[t], cfg.rows[t]) = (64, TILE_ROWS as u8);
+            (cfg.colsb[2 + t], cfg.rows[2 + t]) = (BLOCK as u16, TILE_ROWS as u8);
+            (cfg.colsb[4 + t], cfg.rows[4 + t]) = (64, (BLOCK / 4) as u8);
+        }
+        // The configuration is per thread, so each call on a pool thread loads it.
+        asm!("ldtilecfg [{}]", in(reg) &cfg as *const Config, options(nostack, readonly));
+        let (k, kb) = (acts.k, acts.k / BLOCK);
+        #[repr(C, align(64))]
+        struct Sums([i32; 4 * TILE_ROWS * GROUP]);
+        let mut sums = Sums([0; 4 * TILE_ROWS * GROUP]);
+        let tile = TILE_ROWS * GROUP;
+        for g in groups {
+            let (qg, dg) = w.group(g);
+            let (j0, ncols) = w.cols(g);
+            for r0 in (0..acts.m).step_by(TILE_ROWS) {
+                let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+                let xt = acts.q.as_ptr().add(r0 * k);
+                // Two blocks per step on separate tiles, so the second product overlaps the first;
+                // steps alternate between two halves of `sums`, so the vector unit folds one
+                // step's sums while the tile unit computes and stores the next.
+                let step = |b: usize, s: *mut i32| {
+                    if b + 1 < kb {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tileloadd tmm2, [{x} + {xs} * 1]",
+                            "tileloadd tmm4, [{w} + {ws} * 1]",
+                            "tileloadd tmm3, [{x} + {xs} * 1 + 32]",
+                            "tileloadd tmm5, [{w} + {ws} * 1 + 512]",
+                            "tdpbssd tmm0, tmm2, tmm4",
+                            "tdpbssd tmm1, tmm3, tmm5",
+                            "tilestored [{s} + {ss} * 1], tmm0",
+                            "tilestored [{s} + {ss} * 1 + 1024], tmm1",
+                            x = in(reg) xt.add(b * BLOCK),
+                            xs = in(reg) k,
+                            w = in(reg) qg.as_ptr().add(b * GBLOCK),
+                            ws = in(reg) GROUP * 4,
+                            s = in(reg) s,
+                            ss = in(reg) GROUP * 4,
+                            options(nostack),
+                        );
+                    } else {
+                        asm!(
+                            "tilezero tmm0",
+                            "tileloadd tmm2, [{x} + {xs} * 1]",
+                            "tileloadd tmm4, [{w} + {ws} * 1]",
+                            "tdpbssd tmm0, tmm2, tmm4",
+                            "tilestored [{s} + {ss} * 1], tmm0",
+                            x = in(reg) xt.add(b * BLOCK),
+                            xs = in(reg) k,
+                            w = in(reg) qg.as_ptr().add(b * GBLOCK),
+                            ws = in(reg) GROUP * 4,
+                            s = in(reg) s,
+                            ss = in(reg) GROUP * 4,
+                            options(nostack),
+                        );
+                    }
+                };
+                // Blocks b and b + 1 from `s`, in block order.
+                macro_rules! fold {
+                    ($b:expr, $s:expr) => {
+                        for bb in $b..kb.min($b + 2) {
+                            let ws = _mm512_loadu_ps(dg.as_ptr().add(bb * GROUP));
+                            let sb = ($s as *const i32).add((bb - $b) * tile);
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                let s = _mm512_cvtepi32_ps(_mm512_load_si512(sb.add(i * GROUP) as *const _));
+                                let scale =
+                                    _mm512_mul_ps(ws, _mm512_set1_ps(*acts.d.get_unchecked((r0 + i) * kb + bb)));
+                                *a = _mm512_fmadd_ps(s, scale, *a);
+                            }
+                        }
+                    };
+                }
+                let base = sums.0.as_mut_ptr();
+                let half = |p: usize| base.add(p % 2 * 2 * tile);
+                let steps = kb.div_ceil(2);
+                step(0, half(0));
+                for p in 1..steps {
+                    step(2 * p, half(p));
+                    fold!(2 * (p - 1), half(p - 1));
+                }
+                fold!(2 * (steps - 1), half(steps - 1));
+                let mut vals = [0f32; GROUP];
+                for (i, a) in acc.iter().enumerate().take(acts.m - r0) {
+                    _mm512_storeu_ps(vals.as_mut_ptr(), *a);
+                    out.put(r0 + i, j0, &vals[..ncols]);
+                }
+            }
+        }
+        // Hands the tile state back, so context switches stop saving 8 KiB of it.
+        asm!("tilerelease", options(nostack, nomem));
     }
 }
 
@@ -223,7 +543,7 @@ mod tests {
     use super::*;
     use crate::models::kernels::tests::lcg;
 
-    /// The exact integer result of the quantized product, computed independently.
+    /// The exact integer result of the quantized product, computed independently in f64.
     fn reference(w: &Q8Matrix, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (w.n, w.k);
         let kb = k / BLOCK;
@@ -233,13 +553,13 @@ mod tests {
             quantize_row(&x[r * k..(r + 1) * k], &mut xq[r * k..(r + 1) * k], &mut xd[r * kb..(r + 1) * kb]);
         }
         let mut out = vec![0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
+        for j in 0..n {
+            let (wq, wd) = w.column(j);
+            for r in 0..m {
                 let mut acc = 0f64;
                 for b in 0..kb {
-                    let s: i64 =
-                        (0..BLOCK).map(|t| w.qs[j * k + b * BLOCK + t] as i64 * xq[r * k + b * BLOCK + t] as i64).sum();
-                    acc += s as f64 * w.d[j * kb + b] as f64 * xd[r * kb + b] as f64;
+                    let s: i64 = (0..BLOCK).map(|t| wq[b * BLOCK + t] as i64 * xq[r * k + b * BLOCK + t] as i64).sum();
+                    acc += s as f64 * wd[b] as f64 * xd[r * kb + b] as f64;
                 }
                 out[r * n + j] = acc as f32;
             }
@@ -248,33 +568,65 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_integer_reference_for_every_row_count() {
+    fn every_kernel_gives_the_same_bits_for_every_row_count() {
+        // 37 columns: two full groups and a ragged one; 3 blocks.
         let (n, k) = (37, 96);
         let w = Q8Matrix::quantize(&lcg(1, n * k), n, k).unwrap();
-        for m in [1, 2, 3, 4, 5, 9] {
+        let kernels: Vec<Kernel> =
+            [Kernel::Scalar, Kernel::Avx2, Kernel::Amx].into_iter().filter(|k| k.available()).collect();
+        eprintln!("kernels on this CPU: {kernels:?}");
+        for m in [1, 2, 3, 4, 5, 9, 16, 17, 33] {
             let x = lcg(2 + m as u64, m * k);
-            let got = w.matmul(&x, m).unwrap();
             let want = reference(&w, &x, m);
-            for (g, e) in got.iter().zip(&want) {
+            let scalar = w.matmul_with(&x, m, Kernel::Scalar).unwrap();
+            for (g, e) in scalar.iter().zip(&want) {
                 assert!((g - e).abs() <= 1e-5 * e.abs().max(1.0), "m={m}: {g} vs {e}");
             }
-            // The scalar path gives the same numbers as the SIMD one.
-            let acts_q = {
-                let mut q = vec![0i8; m * k];
-                let mut d = vec![0f32; m * k / BLOCK];
+            for &kernel in &kernels {
+                let got = w.matmul_with(&x, m, kernel).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                // Bit for bit: the SIMD and tile kernels compute the scalar code's arithmetic.
+                assert_eq!(bits(&got), bits(&scalar), "m={m}: {kernel:?} vs scalar");
+                // And every row's numbers are the same whatever the row count and kernel.
                 for r in 0..m {
-                    quantize_row(&x[r * k..(r + 1) * k], &mut q[r * k..(r + 1) * k], &mut d[r * 3..(r + 1) * 3]);
+                    let alone = w.matmul(&x[r * k..(r + 1) * k], 1).unwrap();
+                    assert_eq!(bits(&alone), bits(&got[r * n..(r + 1) * n]), "m={m} row {r} {kernel:?}");
                 }
-                (q, d)
-            };
-            let acts = Acts { q: &acts_q.0, d: &acts_q.1, k };
-            for r in 0..m {
-                let mut s = [0f32];
-                dot_rows(false, &w.qs[..k], &w.d[..3], &acts, r, &mut s);
-                // Bit for bit: the scalar code is the SIMD kernel's arithmetic, not an approximation.
-                assert_eq!(s[0].to_bits(), got[r * n].to_bits(), "m={m} row {r}");
-                // And every row's numbers are the same whatever the row count.
-                assert_eq!(w.matmul(&x[r * k..(r + 1) * k], 1).unwrap(), got[r * n..(r + 1) * n].to_vec());
+            }
+            assert_eq!(w.matmul(&x, m).unwrap(), scalar, "m={m}: the default kernel");
+        }
+    }
+
+    #[test]
+    fn simd_quantization_is_the_scalar_one_ties_included() {
+        // A block whose scale is 1 (max 127), so its other values, −15.5..=14.5, are exact ties;
+        // a zero block; random blocks.
+        let mut x = lcg(11, 4 * BLOCK);
+        for (i, v) in x.iter_mut().enumerate().take(BLOCK) {
+            *v = if i == BLOCK - 1 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        x[2 * BLOCK] = -3.0;
+        let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; 4]);
+        let (mut q2, mut d2) = (vec![0i8; x.len()], vec![0f32; 4]);
+        quantize_row_scalar(&x, &mut q1, &mut d1);
+        quantize_row(&x, &mut q2, &mut d2);
+        assert_eq!(q1, q2);
+        assert_eq!(
+            d1.iter().map(|d| d.to_bits()).collect::<Vec<_>>(),
+            d2.iter().map(|d| d.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!((q1[0], q1[15], q1[16], q1[BLOCK - 1]), (-16, -1, 1, 127), "ties round away from zero");
+        assert!(q1[BLOCK..2 * BLOCK].iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn unavailable_kernels_are_refused() {
+        let w = Q8Matrix::quantize(&[0.0; 64], 2, 32).unwrap();
+        for kernel in [Kernel::Avx2, Kernel::Amx] {
+            if !kernel.available() {
+                let e = w.matmul_with(&[0.0; 32], 1, kernel).unwrap_err().to_string();
+                assert!(e.contains("no") && e.contains(&format!("{kernel:?}")), "{e}");
             }
         }
     }

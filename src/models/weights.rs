@@ -4,7 +4,7 @@
 use super::kernels;
 use super::q8::Q8Matrix;
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{gguf_file, k_quants, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
@@ -115,11 +115,9 @@ pub enum Linear {
     Dense(Tensor),
     /// Kept quantized (`--dtype gguf`) on a non-CPU device.
     Quant(QMatMul),
-    /// Kept quantized (`--dtype gguf`) on CPU, 32-value block types: 8-bit blocks with our
-    /// batched kernel, for decode and prefill alike.
+    /// Kept quantized (`--dtype gguf`) on CPU: every GGUF block type re-quantized into 8-bit
+    /// blocks of 32 for our batched kernel, for decode and prefill alike.
     Q8(Arc<Q8Matrix>),
-    /// Kept quantized (`--dtype gguf`) on CPU, k-quants: candle's per-(row, column) kernel.
-    KQuant(Arc<KQuant>),
 }
 
 impl Linear {
@@ -155,81 +153,30 @@ impl Linear {
                 let out = kernels::with_f32(xs, |x| w.matmul(x, m))?;
                 Tensor::from_vec(out, out_shape(dims, w.out_dim()), xs.device())?
             }
-            Linear::KQuant(w) => {
-                let (dims, m) = in_dim(w.k)?;
-                let out = kernels::with_f32(xs, |x| w.matmul(x, m))?;
-                Tensor::from_vec(out, out_shape(dims, w.n), xs.device())?
-            }
         })
     }
 }
 
-/// A k-quant matrix (`[n, k]`) multiplied on the CPU by candle's generic kernel, which
-/// quantizes each activation row on its own and computes every (row, column) dot product with
-/// the same code whatever the row count. candle's `QMatMul` would pick its repacked kernels by
-/// row count instead (Q6_K: compact GEMV for one row, tiles for more), so a row's numbers would
-/// depend on its batch.
-pub struct KQuant {
-    n: usize,
-    k: usize,
-    blocks: Box<dyn KBlocks>,
-}
-
-impl std::fmt::Debug for KQuant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KQuant({}×{})", self.n, self.k)
-    }
-}
-
-trait KBlocks: Send + Sync {
-    fn matmul(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> candle_core::Result<()>;
-}
-
-impl<T: k_quants::GgmlType + Send + Sync> KBlocks for Vec<T> {
-    fn matmul(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> candle_core::Result<()> {
-        k_quants::matmul(mkn, lhs, self, dst)
-    }
-}
-
-impl KQuant {
-    /// Takes the blocks of a k-quant tensor; `None` for other types.
-    fn from_qtensor(q: &QTensor) -> Result<Option<Self>> {
-        fn blocks<T: k_quants::GgmlType + Send + Sync + 'static>(bytes: &[u8]) -> Result<Box<dyn KBlocks>> {
-            let size = std::mem::size_of::<T>();
-            if !bytes.len().is_multiple_of(size) {
-                bail!("{:?} tensor of {} bytes is not a whole number of {size}-byte blocks", T::DTYPE, bytes.len());
-            }
-            let mut v = vec![T::zeros(); bytes.len() / size];
-            // SAFETY: the blocks are plain old data (integers and f16 scales) and `v` holds
-            // exactly `bytes.len()` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len()) };
-            Ok(Box::new(v))
-        }
-        let data = q.data()?;
-        let b = match q.dtype() {
-            GgmlDType::Q2K => blocks::<k_quants::BlockQ2K>(&data)?,
-            GgmlDType::Q3K => blocks::<k_quants::BlockQ3K>(&data)?,
-            GgmlDType::Q4K => blocks::<k_quants::BlockQ4K>(&data)?,
-            GgmlDType::Q5K => blocks::<k_quants::BlockQ5K>(&data)?,
-            GgmlDType::Q6K => blocks::<k_quants::BlockQ6K>(&data)?,
-            _ => return Ok(None),
-        };
-        let (n, k) = q.shape().dims2()?;
-        Ok(Some(Self { n, k, blocks: b }))
-    }
-
-    fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; m * self.n];
-        self.blocks.matmul((m, self.k, self.n), x, &mut out)?;
-        Ok(out)
-    }
-}
-
-/// GGUF types our CPU kernel (`q8.rs`) takes: the 32-value block types. `bench matmul` measured
-/// it 1.5–4× faster than candle's Q8_0 kernel and 6–26× faster than its scalar Q5_0 one; the
-/// k-quants stay in their own format (they read fewer bytes) under candle's generic kernel.
+/// GGUF types our CPU kernel (`q8.rs`) takes, re-quantized into its 8-bit blocks of 32: the
+/// 32-value block types (`bench matmul` measured it 1.5–4× faster than candle's Q8_0 kernel and
+/// 6–26× faster than its scalar Q5_0 one) and the k-quants, whose prefill on candle's generic
+/// kernel (the one that is batch invariant) took 40% of qwen-coder-0.5b's prefill after the
+/// AMX kernel (its `ffn_down` is Q4_K/Q6_K). The re-quantization adds at most half an 8-bit
+/// step per weight, and the k-quant layers take 8.5 bits per weight instead of 4.5–6.6.
 fn takes_q8(t: GgmlDType) -> bool {
-    matches!(t, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+    matches!(
+        t,
+        GgmlDType::Q8_0
+            | GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K
+    )
 }
 
 /// What dtype to hold weights and activations in.
@@ -468,9 +415,6 @@ impl Weights {
                     if in_dim.is_multiple_of(super::q8::BLOCK) && takes_q8(q.dtype()) {
                         let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
                         return Ok(Linear::Q8(Arc::new(Q8Matrix::quantize(&w, out_dim, in_dim)?)));
-                    }
-                    if let Some(kq) = KQuant::from_qtensor(&q)? {
-                        return Ok(Linear::KQuant(Arc::new(kq)));
                     }
                     // Float matrices (and block types our kernel cannot take at this size) run
                     // dequantized through the dense kernel.

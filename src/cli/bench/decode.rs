@@ -271,7 +271,7 @@ pub struct BenchMatmulArgs {
 pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
-    use miniwob_steer::models::q8::Q8Matrix;
+    use miniwob_steer::models::q8::{Kernel, Q8Matrix};
     rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let parse_ty = |s: &str| -> Result<GgmlDType> {
@@ -306,22 +306,30 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
         for &m in &a.rows {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + 3];
+            // Our kernels: the one `matmul` picks for this row count first, then the other SIMD one.
+            let best = Kernel::best(m);
+            let kernels: Vec<Kernel> = std::iter::once(best)
+                .chain([Kernel::Amx, Kernel::Avx2].into_iter().filter(|&k| k != best && k.available()))
+                .collect();
+            let nk = kernels.len();
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + nk + 2];
             for _ in 0..a.reps {
-                let t0 = Instant::now();
-                std::hint::black_box(ours.matmul(&xv, m)?);
-                times[0].push(t0.elapsed().as_secs_f64());
+                for (i, &kernel) in kernels.iter().enumerate() {
+                    let t0 = Instant::now();
+                    std::hint::black_box(ours.matmul_with(&xv, m, kernel)?);
+                    times[i].push(t0.elapsed().as_secs_f64());
+                }
                 for (i, (_, q)) in theirs.iter().enumerate() {
                     let t0 = Instant::now();
                     std::hint::black_box(q.forward(&x)?);
-                    times[i + 1].push(t0.elapsed().as_secs_f64());
+                    times[nk + i].push(t0.elapsed().as_secs_f64());
                 }
                 let t0 = Instant::now();
                 std::hint::black_box(x.matmul(&wt)?);
-                times[theirs.len() + 1].push(t0.elapsed().as_secs_f64());
+                times[nk + theirs.len()].push(t0.elapsed().as_secs_f64());
                 let t0 = Instant::now();
                 std::hint::black_box(miniwob_steer::models::kernels::matmul_t(&xv, m, k, &wv, n));
-                times[theirs.len() + 2].push(t0.elapsed().as_secs_f64());
+                times[nk + theirs.len() + 1].push(t0.elapsed().as_secs_f64());
             }
             let med = |v: &mut Vec<f64>| {
                 v.sort_by(f64::total_cmp);
@@ -329,9 +337,13 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
             };
             let ours_t = med(&mut times[0]);
             let flop = 2.0 * (m * n * k) as f64;
-            println!("| {n}x{k} | {m} | ours q8 | {:.3} | {:.1} | 1.00x |", ours_t * 1e3, flop / ours_t / 1e9);
+            for (i, kernel) in kernels.iter().enumerate() {
+                let t = med(&mut times[i]);
+                let name = format!("ours q8 {kernel:?}{}", if i == 0 { " (picked)" } else { "" });
+                println!("| {n}x{k} | {m} | {name} | {:.3} | {:.1} | {:.2}x |", t * 1e3, flop / t / 1e9, t / ours_t);
+            }
             for (i, (name, _)) in theirs.iter().enumerate() {
-                let t = med(&mut times[i + 1]);
+                let t = med(&mut times[nk + i]);
                 println!(
                     "| {n}x{k} | {m} | candle {name} | {:.3} | {:.1} | {:.2}x |",
                     t * 1e3,
@@ -339,10 +351,10 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
                     t / ours_t
                 );
             }
-            let t = med(&mut times[theirs.len() + 1]);
+            let t = med(&mut times[nk + theirs.len()]);
             let (ms, gf, rel) = (t * 1e3, flop / t / 1e9, t / ours_t);
             println!("| {n}x{k} | {m} | candle f32 dense | {ms:.3} | {gf:.1} | {rel:.2}x |");
-            let t = med(&mut times[theirs.len() + 2]);
+            let t = med(&mut times[nk + theirs.len() + 1]);
             let (ms, gf, rel) = (t * 1e3, flop / t / 1e9, t / ours_t);
             println!("| {n}x{k} | {m} | ours f32 dense (batch invariant) | {ms:.3} | {gf:.1} | {rel:.2}x |");
         }
