@@ -50,6 +50,8 @@ pub struct Q8Matrix {
 pub enum Kernel {
     Scalar,
     Avx2,
+    /// AVX-512 VNNI (`vpdpbusd`): 16 columns × 4 values per instruction, for decode.
+    Vnni,
     Amx,
 }
 
@@ -58,6 +60,8 @@ impl Kernel {
     pub fn best(m: usize) -> Self {
         if m >= AMX_MIN_ROWS && Kernel::Amx.available() {
             Kernel::Amx
+        } else if Kernel::Vnni.available() {
+            Kernel::Vnni
         } else if Kernel::Avx2.available() {
             Kernel::Avx2
         } else {
@@ -69,7 +73,12 @@ impl Kernel {
         match self {
             Kernel::Scalar => true,
             Kernel::Avx2 => has_avx2_fma(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => vnni::available(),
+            #[cfg(target_arch = "x86_64")]
             Kernel::Amx => amx::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
     }
 }
@@ -204,6 +213,9 @@ impl Q8Matrix {
         let mut xq = vec![0i8; rows * k];
         let mut xd = vec![0f32; rows * kb];
         quantize_rows(x, m, k, &mut xq, &mut xd);
+        // VNNI multiplies unsigned by signed bytes: it takes the activations offset by 128.
+        let xu: Vec<u8> =
+            if kernel == Kernel::Vnni { xq.iter().map(|&v| v as u8 ^ 0x80).collect() } else { Vec::new() };
         let acts = Acts { q: &xq, d: &xd, k, m };
         let mut out = vec![0f32; m * n];
         let out_ptr = OutPtr(out.as_mut_ptr());
@@ -217,6 +229,12 @@ impl Q8Matrix {
             match kernel {
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Amx => unsafe { amx::groups(self, &acts, groups, out) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => {
+                    for g in groups {
+                        unsafe { vnni::group(self, &acts, &xu, g, out) }
+                    }
+                }
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => {
                     for g in groups {
@@ -386,6 +404,85 @@ mod avx {
         }
         for i in 0..R {
             _mm256_storeu_ps(vals[i].as_mut_ptr(), acc[i]);
+        }
+    }
+}
+
+/// AVX-512 VNNI: `vpdpbusd` sums four unsigned × signed byte products into each of 16 i32
+/// lanes, one lane per column of a group. The activations come offset by 128 (`x + 128` is
+/// unsigned), and `128 · Σ w` of the block, from one more `vpdpbusd` per weight register shared
+/// by all rows, is taken off again: the exact integer sums of the other kernels.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Acts, Out, Q8Matrix, BLOCK, GBLOCK, GROUP};
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+    }
+
+    /// Group `g` for every row, in tiles of up to eight rows.
+    ///
+    /// # Safety
+    /// [`available`]; `xu` holds the activations offset by 128; `out` is this group's to write.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn group(w: &Q8Matrix, acts: &Acts, xu: &[u8], g: usize, out: Out) {
+        let (j0, ncols) = w.cols(g);
+        for r0 in (0..acts.m).step_by(8) {
+            let rows = (acts.m - r0).min(8);
+            let mut vals = [[0f32; GROUP]; 8];
+            match rows {
+                1 => dot::<1>(w, acts, xu, g, r0, &mut vals),
+                2 => dot::<2>(w, acts, xu, g, r0, &mut vals),
+                3 => dot::<3>(w, acts, xu, g, r0, &mut vals),
+                4 => dot::<4>(w, acts, xu, g, r0, &mut vals),
+                5 => dot::<5>(w, acts, xu, g, r0, &mut vals),
+                6 => dot::<6>(w, acts, xu, g, r0, &mut vals),
+                7 => dot::<7>(w, acts, xu, g, r0, &mut vals),
+                _ => dot::<8>(w, acts, xu, g, r0, &mut vals),
+            }
+            for (i, v) in vals.iter().enumerate().take(rows) {
+                out.put(r0 + i, j0, &v[..ncols]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn dot<const R: usize>(
+        w: &Q8Matrix,
+        acts: &Acts,
+        xu: &[u8],
+        g: usize,
+        r0: usize,
+        vals: &mut [[f32; GROUP]; 8],
+    ) {
+        let (qg, dg) = w.group(g);
+        let (k, kb) = (acts.k, acts.k / BLOCK);
+        assert!(xu.len() >= (r0 + R) * k);
+        let offset = _mm512_set1_epi8(i8::MIN); // the byte 0x80: 128 as unsigned
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..kb {
+            let blk = qg.as_ptr().add(b * GBLOCK);
+            let mut corr = _mm512_setzero_si512();
+            let mut sums = [_mm512_setzero_si512(); R];
+            for kk in 0..BLOCK / 4 {
+                let wv = _mm512_loadu_si512(blk.add(kk * GROUP * 4) as *const _);
+                corr = _mm512_dpbusd_epi32(corr, offset, wv);
+                for (i, s) in sums.iter_mut().enumerate() {
+                    let x4 = (xu.as_ptr().add((r0 + i) * k + b * BLOCK + 4 * kk) as *const i32).read_unaligned();
+                    *s = _mm512_dpbusd_epi32(*s, _mm512_set1_epi32(x4), wv);
+                }
+            }
+            let ws = _mm512_loadu_ps(dg.as_ptr().add(b * GROUP));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let exact = _mm512_sub_epi32(sums[i], corr);
+                let scale = _mm512_mul_ps(ws, _mm512_set1_ps(*acts.d.get_unchecked((r0 + i) * kb + b)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, *a);
+            }
+        }
+        for i in 0..R {
+            _mm512_storeu_ps(vals[i].as_mut_ptr(), acc[i]);
         }
     }
 }
@@ -573,9 +670,9 @@ mod tests {
         let (n, k) = (37, 96);
         let w = Q8Matrix::quantize(&lcg(1, n * k), n, k).unwrap();
         let kernels: Vec<Kernel> =
-            [Kernel::Scalar, Kernel::Avx2, Kernel::Amx].into_iter().filter(|k| k.available()).collect();
+            [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni, Kernel::Amx].into_iter().filter(|k| k.available()).collect();
         eprintln!("kernels on this CPU: {kernels:?}");
-        for m in [1, 2, 3, 4, 5, 9, 16, 17, 33] {
+        for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 33] {
             let x = lcg(2 + m as u64, m * k);
             let want = reference(&w, &x, m);
             let scalar = w.matmul_with(&x, m, Kernel::Scalar).unwrap();
@@ -623,7 +720,7 @@ mod tests {
     #[test]
     fn unavailable_kernels_are_refused() {
         let w = Q8Matrix::quantize(&[0.0; 64], 2, 32).unwrap();
-        for kernel in [Kernel::Avx2, Kernel::Amx] {
+        for kernel in [Kernel::Avx2, Kernel::Vnni, Kernel::Amx] {
             if !kernel.available() {
                 let e = w.matmul_with(&[0.0; 32], 1, kernel).unwrap_err().to_string();
                 assert!(e.contains("no") && e.contains(&format!("{kernel:?}")), "{e}");

@@ -309,7 +309,7 @@ pub fn run_matmul(a: BenchMatmulArgs) -> Result<()> {
             // Our kernels: the one `matmul` picks for this row count first, then the other SIMD one.
             let best = Kernel::best(m);
             let kernels: Vec<Kernel> = std::iter::once(best)
-                .chain([Kernel::Amx, Kernel::Avx2].into_iter().filter(|&k| k != best && k.available()))
+                .chain([Kernel::Amx, Kernel::Vnni, Kernel::Avx2].into_iter().filter(|&k| k != best && k.available()))
                 .collect();
             let nk = kernels.len();
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); theirs.len() + nk + 2];
