@@ -150,11 +150,13 @@ impl Served {
         for iv in &mut spec.interventions {
             iv.vector = iv.vector.to_device(&dev)?;
         }
-        let xs = wire::take(&mut t, "xs", "forward")?.to_device(&dev)?;
+        let xs = wire::take(&mut t, "xs", "forward")?;
         if self.model.manifest.is_first() {
-            // Token ids from the wire index the embedding: checked here, not only by the driver.
+            // Token ids from the wire index the embedding: checked here, not only by the driver,
+            // and while they are still on the host (no copy back from a GPU).
             dec.check_ids(&xs.flatten_all()?.to_vec1::<u32>()?)?;
         }
+        let xs = xs.to_device(&dev)?;
         let rope = if f.rope {
             Some((
                 wire::take(&mut t, "cos", "forward")?.to_device(&dev)?,
